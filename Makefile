@@ -1,0 +1,34 @@
+# Two entry points (see README): `make demo` and `make test`. Both build .venv first if needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## synth → train → CV on the embedded dataset; ends with submission/submission.csv and a CV table
+demo: $(STAMP)
+	$(VENV)/bin/glr demo --out submission --work runs/demo
+
+## the whole test suite (CI runs this through .ci/run)
+test: $(STAMP)
+	$(PY) -m pytest
+
+## everything but the end-to-end runs
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP)
+	$(PY) bench/bench_search.py
+
+clean:
+	rm -rf runs submission/*.csv submission/*.json submission/*.png

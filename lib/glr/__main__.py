@@ -1,0 +1,5 @@
+import sys
+
+from glr.cli import main
+
+sys.exit(main())
