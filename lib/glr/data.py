@@ -1,0 +1,705 @@
+"""GLDv2 metadata readers, image datasets and the Lightning DataModule.
+
+Formats follow ``GLDV2_SPEC.md`` sections 1-3. Every CSV is read with the stdlib
+``csv`` module, so ids stay exact strings (``0000000000000e12`` is not a float, leading
+zeros survive) and quoted fields work. A malformed row raises
+:class:`glr.utils.InputError` naming the file and the 1-based line (header = line 1).
+
+Two on-disk layouts are recognised by :meth:`GLDv2Root.open`:
+
+* ``"gldv2"`` — the official v2.1 release: ``train.csv`` (``id,url,landmark_id``),
+  ``train_clean.csv``, ``index.csv``, ``test.csv``, the ``*_solution_v2.1.csv`` files and
+  image folders ``train/``, ``index/``, ``test/``.
+* ``"kaggle"`` — the Kaggle 2020/2021 competitions: ``train.csv`` (``id,landmark_id``,
+  already the clean subset) and image folders; index/test ids come from scanning
+  ``<split>/*/*/*/*.jpg`` (sorted) when no ``index.csv`` / ``test.csv`` is present.
+
+Image paths are ``<root>/<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` for every split.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import lightning.pytorch as pl
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from glr.utils import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+SPLITS = ("train", "index", "test")
+TRAIN_SUBSETS = ("full", "clean")
+SOLUTION_FILES = {
+    "retrieval": "retrieval_solution_v2.1.csv",
+    "recognition": "recognition_solution_v2.1.csv",
+}
+
+# train_clean.csv packs all ids of a landmark into one field (17 chars per id); the csv
+# module's default limit (131072 chars) would stop at ~7700 images per landmark.
+_FIELD_LIMIT = 1 << 28
+# Characters that can never be part of an image id (they would break space-separated
+# id lists or escape the image folder).
+_BAD_ID_CHARS = re.compile(r"[\s/\\]")
+
+
+# ---------------------------------------------------------------------------
+# CSV plumbing
+
+
+def _csv_rows(path: str | os.PathLike, required: Sequence[str]) -> Iterator[tuple[int, list[str], dict[str, int]]]:
+    """Yield ``(line, row, columns)`` for every non-blank data row of a headed CSV.
+
+    ``columns`` maps header names to field positions. The header must contain every
+    name in ``required``; each row must have as many fields as the header.
+    """
+    path = Path(path)
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
+    try:
+        f = open(path, newline="", encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except OSError as e:
+        raise InputError(f"cannot open file: {e.strerror or e}", path) from None
+    with f:
+        reader = csv.reader(f)
+        try:
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise InputError(f"empty file, expected a header with {','.join(required)}", path, 1) from None
+            columns: dict[str, int] = {}
+            for i, name in enumerate(header):
+                columns.setdefault(name.strip(), i)
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise InputError(
+                    f"missing column(s) {', '.join(missing)}; header is {','.join(header)!r}", path, 1
+                )
+            n = len(header)
+            for row in reader:
+                if len(row) != n:
+                    if not row:  # blank line
+                        continue
+                    raise InputError(
+                        f"expected {n} fields ({','.join(header)}), got {len(row)}", path, reader.line_num
+                    )
+                yield reader.line_num, row, columns
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise InputError(f"unreadable CSV: {e}", path, reader.line_num + 1) from None
+
+
+def _header(path: Path) -> list[str]:
+    """The stripped header names of a CSV file (missing file → InputError)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [c.strip() for c in next(csv.reader(f), [])]
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read header: {e}", path, 1) from None
+
+
+def _parse_landmark(cell: str, path: Path, line: int) -> int:
+    # int() would also accept " 12", "+12", "1_000" and "-3".
+    if not (cell.isascii() and cell.isdigit()):
+        raise InputError(f"landmark id must be a non-negative integer, got {cell!r}", path, line)
+    return int(cell)
+
+
+def _check_id(image_id: str, path: Path, line: int) -> str:
+    if not image_id:
+        raise InputError("empty image id", path, line)
+    if _BAD_ID_CHARS.search(image_id):
+        raise InputError(f"image id {image_id!r} contains whitespace or a path separator", path, line)
+    return image_id
+
+
+def _read_id_landmark(path: str | os.PathLike) -> Iterator[tuple[str, int]]:
+    """``(id, landmark_id)`` pairs of a file with ``id`` and ``landmark_id`` columns."""
+    path = Path(path)
+    seen: set[str] = set()
+    for line, row, cols in _csv_rows(path, ("id", "landmark_id")):
+        image_id = _check_id(row[cols["id"]], path, line)
+        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
+        if image_id in seen:
+            _duplicate_id(path, image_id, line)
+        seen.add(image_id)
+        yield image_id, landmark
+
+
+def _duplicate_id(path: Path, image_id: str, line: int) -> None:
+    """Raise the duplicate-id error; the first occurrence is found by re-reading (rare path)."""
+    first = next(ln for ln, row, cols in _csv_rows(path, ("id",)) if row[cols["id"]] == image_id)
+    raise InputError(f"duplicate image id {image_id!r} (first on line {first})", path, line)
+
+
+# ---------------------------------------------------------------------------
+# Readers
+
+
+def image_path(root: str | os.PathLike, split: str, image_id: str) -> Path:
+    """Path of an image: ``root/split/id[0]/id[1]/id[2]/id.jpg``.
+
+    Raises:
+        InputError: the id is shorter than 3 characters or contains a path separator.
+    """
+    if len(image_id) < 3 or _BAD_ID_CHARS.search(image_id):
+        raise InputError(f"invalid image id {image_id!r}: need at least 3 characters and no separators")
+    return Path(root, split, image_id[0], image_id[1], image_id[2], image_id + ".jpg")
+
+
+def read_train(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Read ``train.csv``: official ``id,url,landmark_id`` or Kaggle ``id,landmark_id``.
+
+    Columns are located by header name; extra columns are ignored.
+
+    Returns:
+        ``(image_id, landmark_id)`` in file order.
+
+    Raises:
+        InputError: missing file or column, wrong field count, empty/duplicate id,
+            landmark id that is not a non-negative integer.
+    """
+    return list(_read_id_landmark(path))
+
+
+def read_image_to_landmark(path: str | os.PathLike) -> dict[str, int]:
+    """Read ``index_image_to_landmark.csv`` (``id,landmark_id``, index numbering).
+
+    Returns:
+        image id → landmark id, in file order.
+    """
+    return dict(_read_id_landmark(path))
+
+
+def read_train_clean(path: str | os.PathLike) -> dict[int, list[str]]:
+    """Read ``train_clean.csv`` (``landmark_id,images``; images space-separated).
+
+    Returns:
+        landmark id → its image ids, in file order.
+
+    Raises:
+        InputError: malformed row, duplicate landmark id, bad image id, or an image
+            listed under two landmarks.
+    """
+    path = Path(path)
+    out: dict[int, list[str]] = {}
+    lines: dict[int, int] = {}
+    owner: dict[str, int] = {}
+    for line, row, cols in _csv_rows(path, ("landmark_id", "images")):
+        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
+        if landmark in lines:
+            raise InputError(f"duplicate landmark id {landmark} (first on line {lines[landmark]})", path, line)
+        lines[landmark] = line
+        ids = row[cols["images"]].split()
+        for image_id in ids:
+            _check_id(image_id, path, line)
+            prev = owner.setdefault(image_id, landmark)
+            if prev != landmark:
+                raise InputError(
+                    f"image id {image_id!r} listed under landmarks {prev} and {landmark}", path, line
+                )
+        if len(set(ids)) != len(ids):
+            dup = next(i for i, c in Counter(ids).items() if c > 1)
+            raise InputError(f"image id {dup!r} listed twice for landmark {landmark}", path, line)
+        out[landmark] = ids
+    return out
+
+
+def read_label_table(path: str | os.PathLike, column: str = "category") -> dict[int, str]:
+    """Read a per-landmark table such as ``train_label_to_category.csv``.
+
+    Also reads the non-official ``train_label_to_country.csv``
+    (``landmark_id,country,continent``) with ``column="country"`` or ``"continent"``.
+
+    Args:
+        path: the CSV file.
+        column: the value column to return.
+
+    Returns:
+        landmark id → the string in ``column``.
+    """
+    path = Path(path)
+    out: dict[int, str] = {}
+    lines: dict[int, int] = {}
+    for line, row, cols in _csv_rows(path, ("landmark_id", column)):
+        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
+        if landmark in lines:
+            raise InputError(f"duplicate landmark id {landmark} (first on line {lines[landmark]})", path, line)
+        lines[landmark] = line
+        out[landmark] = row[cols[column]]
+    return out
+
+
+def read_ids(path: str | os.PathLike) -> list[str]:
+    """Read the ``id`` column of ``index.csv`` / ``test.csv`` (extra columns ignored).
+
+    Returns:
+        Image ids in file order.
+    """
+    path = Path(path)
+    out: list[str] = []
+    seen: set[str] = set()
+    for line, row, cols in _csv_rows(path, ("id",)):
+        image_id = _check_id(row[cols["id"]], path, line)
+        if image_id in seen:
+            _duplicate_id(path, image_id, line)
+        seen.add(image_id)
+        out.append(image_id)
+    return out
+
+
+def scan_image_ids(root: str | os.PathLike, split: str) -> list[str]:
+    """Ids of all ``<root>/<split>/*/*/*/*.jpg`` files, sorted.
+
+    Dot-files are skipped. A ``.jpg`` whose folders do not match its id's first three
+    characters raises InputError (it could never be found again by :func:`image_path`).
+    """
+    base = Path(root, split)
+    if not base.is_dir():
+        raise InputError(f"image folder for split {split!r} not found", base)
+    ids: list[str] = []
+
+    def subdirs(p: str) -> list[os.DirEntry]:
+        with os.scandir(p) as it:
+            return [e for e in it if e.is_dir() and not e.name.startswith(".")]
+
+    for d1 in subdirs(str(base)):
+        for d2 in subdirs(d1.path):
+            for d3 in subdirs(d2.path):
+                with os.scandir(d3.path) as it:
+                    for e in it:
+                        name = e.name
+                        if not name.endswith(".jpg") or name.startswith(".") or not e.is_file():
+                            continue
+                        stem = name[:-4]
+                        if len(stem) < 3 or (stem[0], stem[1], stem[2]) != (d1.name, d2.name, d3.name):
+                            raise InputError(
+                                f"image {stem!r} is not under {split}/<id[0]>/<id[1]>/<id[2]>/", e.path
+                            )
+                        ids.append(stem)
+    ids.sort()
+    return ids
+
+
+# ---------------------------------------------------------------------------
+# Dataset root
+
+
+@dataclass(frozen=True)
+class GLDv2Root:
+    """A GLDv2 (or Kaggle GLR) dataset folder; build it with :meth:`open`.
+
+    Attributes:
+        root: the dataset folder.
+        layout: ``"gldv2"`` (official v2.1, ``train.csv`` has a ``url`` column) or
+            ``"kaggle"`` (``train.csv`` is ``id,landmark_id``; index/test ids come from
+            the image folders unless an ``index.csv`` / ``test.csv`` is present).
+    """
+
+    root: Path
+    layout: str
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "GLDv2Root":
+        """Detect the layout of ``root`` from the header of its ``train.csv``.
+
+        Raises:
+            InputError: ``root`` is not a folder, or ``train.csv`` is missing or lacks
+                ``id`` / ``landmark_id``.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError("dataset root is not a folder", root)
+        train = root / "train.csv"
+        header = _header(train)
+        missing = [c for c in ("id", "landmark_id") if c not in header]
+        if missing:
+            raise InputError(f"missing column(s) {', '.join(missing)}; header is {','.join(header)!r}", train, 1)
+        return cls(root=root, layout="gldv2" if "url" in header else "kaggle")
+
+    def path(self, split: str, image_id: str) -> Path:
+        """Image file of ``image_id`` in ``split`` ('train', 'index' or 'test')."""
+        _check_split(split)
+        return image_path(self.root, split, image_id)
+
+    def train_ids_labels(self, subset: str = "full") -> list[tuple[str, int]]:
+        """``(image_id, landmark_id)`` of the training images, in ``train.csv`` order.
+
+        Args:
+            subset: ``"full"`` — every row of ``train.csv``; ``"clean"`` — the images of
+                ``train_clean.csv`` that are also in ``train.csv`` (labels from
+                ``train_clean.csv``). In the Kaggle layout ``train.csv`` already is the
+                clean subset, so without a ``train_clean.csv`` "clean" equals "full".
+
+        Raises:
+            InputError: bad/missing files, or train.csv and train_clean.csv disagree on
+                an image's landmark.
+        """
+        if subset not in TRAIN_SUBSETS:
+            raise ValueError(f"subset must be one of {TRAIN_SUBSETS}, got {subset!r}")
+        pairs = read_train(self.root / "train.csv")
+        if subset == "full":
+            return pairs
+        clean_path = self.root / "train_clean.csv"
+        if not clean_path.is_file():
+            if self.layout == "kaggle":
+                log.info("%s: no train_clean.csv; Kaggle train.csv is the clean subset", self.root)
+                return pairs
+            raise InputError(
+                "train_clean.csv not found: download it or use the 'full' train subset", clean_path
+            )
+        clean = {i: lm for lm, ids in read_train_clean(clean_path).items() for i in ids}
+        out = []
+        for image_id, landmark in pairs:
+            lm = clean.get(image_id)
+            if lm is None:
+                continue
+            if lm != landmark:
+                raise InputError(
+                    f"image {image_id!r} is landmark {lm} here but {landmark} in train.csv", clean_path
+                )
+            out.append((image_id, lm))
+        if len(out) < len(clean):
+            log.info("%s: %d clean images are not in train.csv and were dropped", clean_path, len(clean) - len(out))
+        return out
+
+    def _split_ids(self, split: str) -> list[str]:
+        csv_path = self.root / f"{split}.csv"
+        if csv_path.is_file() or self.layout == "gldv2":
+            return read_ids(csv_path)
+        return scan_image_ids(self.root, split)
+
+    def index_ids(self) -> list[str]:
+        """Index (retrieval database) image ids: ``index.csv``, or the sorted folder scan."""
+        return self._split_ids("index")
+
+    def test_ids(self) -> list[str]:
+        """Test (query) image ids: ``test.csv``, or the sorted folder scan."""
+        return self._split_ids("test")
+
+    def solution_path(self, task: str) -> Path | None:
+        """``retrieval_solution_v2.1.csv`` / ``recognition_solution_v2.1.csv``, None if absent."""
+        if task not in SOLUTION_FILES:
+            raise ValueError(f"task must be one of {tuple(SOLUTION_FILES)}, got {task!r}")
+        p = self.root / SOLUTION_FILES[task]
+        return p if p.is_file() else None
+
+    def country_of(self) -> dict[int, str] | None:
+        """Landmark → country from ``train_label_to_country.csv``, None if absent."""
+        p = self.root / "train_label_to_country.csv"
+        return read_label_table(p, "country") if p.is_file() else None
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def build_label_map(landmark_ids: Iterable[int], min_samples: int = 1) -> dict[int, int]:
+    """Map landmark ids to contiguous class indices.
+
+    Args:
+        landmark_ids: one landmark id per training image.
+        min_samples: landmarks with fewer images are dropped.
+
+    Returns:
+        landmark id → class index ``0..C-1``, assigned in ascending landmark-id order.
+    """
+    if min_samples < 1:
+        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    counts = Counter(landmark_ids)
+    kept = sorted(lm for lm, n in counts.items() if n >= min_samples)
+    return {lm: i for i, lm in enumerate(kept)}
+
+
+# ---------------------------------------------------------------------------
+# Transforms and datasets
+
+
+def make_transforms(
+    image_size: int,
+    train: bool,
+    hflip: bool = False,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image → normalised float tensor ``(3, image_size, image_size)``.
+
+    Train: RandomResizedCrop(scale 0.6-1, ratio 3/4-4/3), optional horizontal flip
+    (off by default: landmarks are chiral, text and layout flip), ColorJitter(0.2, 0.2,
+    0.2). Eval: plain square Resize. Both end with ToTensor and Normalize.
+    """
+    norm = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
+    if not train:
+        return T.Compose([T.Resize((image_size, image_size)), *norm])
+    ops: list[Callable] = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3))]
+    if hflip:
+        ops.append(T.RandomHorizontalFlip())
+    ops.append(T.ColorJitter(0.2, 0.2, 0.2))
+    return T.Compose([*ops, *norm])
+
+
+def transforms_from_config(config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform described by a :meth:`GLDv2DataModule.data_config` dict."""
+    return make_transforms(int(config["image_size"]), train=False, mean=config["mean"], std=config["std"])
+
+
+def load_image(path: str | os.PathLike, image_id: str | None = None) -> Image.Image:
+    """Open an image as RGB; any decode problem raises InputError naming path and id."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        what = "image" if image_id is None else f"image {image_id!r}"
+        reason = "file not found" if isinstance(e, FileNotFoundError) else str(e)
+        raise InputError(f"cannot read {what}: {reason}", path) from None
+
+
+class ImageDataset(Dataset):
+    """Images of one split, addressed by id.
+
+    Items are dicts: ``image`` float tensor ``(3, H, W)``, ``label`` long scalar (only
+    when ``labels`` is given) and ``index`` (position in ``ids``).
+
+    Args:
+        root: dataset folder.
+        split: 'train', 'index' or 'test'.
+        ids: image ids.
+        labels: class index per id, or None.
+        transform: PIL image → tensor; default ``ToTensor()`` (native size).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        ids: Sequence[str],
+        labels: Sequence[int] | None = None,
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ):
+        _check_split(split)
+        if labels is not None and len(labels) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(labels)} labels")
+        self.root = Path(root)
+        self.split = split
+        self.ids = list(ids)
+        self.labels = None if labels is None else [int(x) for x in labels]
+        self.transform = transform if transform is not None else T.ToTensor()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.ids[index]
+        image = load_image(image_path(self.root, self.split, image_id), image_id)
+        item: dict[str, Any] = {"image": self.transform(image), "index": index}
+        if self.labels is not None:
+            item["label"] = torch.tensor(self.labels[index], dtype=torch.long)
+        return item
+
+
+# ---------------------------------------------------------------------------
+# DataModule
+
+
+class GLDv2DataModule(pl.LightningDataModule):
+    """Training data for landmark classification (ArcFace-style) plus eval loaders.
+
+    After :meth:`setup`: ``gldv2`` (the opened root), ``label_map`` (landmark →
+    class), ``landmark_ids`` (class → landmark), ``num_classes``, ``train_ids`` /
+    ``train_labels`` (contiguous) and ``val_ids`` / ``val_labels`` (empty unless
+    ``val_fraction`` > 0), and ``subset_pairs`` (every ``(id, landmark)`` of the train
+    subset, including landmarks dropped by ``min_samples``).
+
+    Args:
+        root: dataset folder (either layout).
+        image_size: square side of the network input.
+        batch_size: images per batch.
+        num_workers: DataLoader workers.
+        train_subset: 'clean' or 'full'.
+        min_samples: landmarks with fewer train images are dropped.
+        val_fraction: share of the kept images held out for validation; a landmark
+            never loses its last training image.
+        seed: seed of the validation split.
+        hflip: random horizontal flips in training (off: landmarks are chiral).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        train_subset: str = "clean",
+        min_samples: int = 2,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        hflip: bool = False,
+    ):
+        super().__init__()
+        if train_subset not in TRAIN_SUBSETS:
+            raise ValueError(f"train_subset must be one of {TRAIN_SUBSETS}, got {train_subset!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if image_size < 1 or batch_size < 1 or num_workers < 0 or min_samples < 1:
+            raise ValueError("image_size, batch_size and min_samples must be >= 1, num_workers >= 0")
+        self.save_hyperparameters()
+        self._gldv2: GLDv2Root | None = None
+        self.label_map: dict[int, int] = {}
+        self.landmark_ids: list[int] = []
+        self.train_ids: list[str] = []
+        self.train_labels: list[int] = []
+        self.val_ids: list[str] = []
+        self.val_labels: list[int] = []
+        self.subset_pairs: list[tuple[str, int]] = []
+        self._is_setup = False
+
+    @property
+    def gldv2(self) -> GLDv2Root:
+        """The opened dataset root (opened on first use)."""
+        if self._gldv2 is None:
+            self._gldv2 = GLDv2Root.open(self.hparams.root)
+        return self._gldv2
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes after ``min_samples`` filtering (0 before setup)."""
+        return len(self.label_map)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the train subset and build the label map; later calls do nothing."""
+        if self._is_setup:
+            return
+        hp = self.hparams
+        pairs = self.gldv2.train_ids_labels(hp.train_subset)
+        label_map = build_label_map((lm for _, lm in pairs), hp.min_samples)
+        if not label_map:
+            raise InputError(
+                f"no landmark has at least {hp.min_samples} images in the {hp.train_subset!r} train subset",
+                self.gldv2.root,
+            )
+        kept = [(i, label_map[lm]) for i, lm in pairs if lm in label_map]
+        val_mask = self._val_mask([c for _, c in kept], hp.val_fraction, hp.seed)
+        self.subset_pairs = pairs
+        self.label_map = label_map
+        self.landmark_ids = sorted(label_map, key=label_map.__getitem__)
+        self.train_ids = [i for (i, _), v in zip(kept, val_mask) if not v]
+        self.train_labels = [c for (_, c), v in zip(kept, val_mask) if not v]
+        self.val_ids = [i for (i, _), v in zip(kept, val_mask) if v]
+        self.val_labels = [c for (_, c), v in zip(kept, val_mask) if v]
+        self._is_setup = True
+        log.info(
+            "%s (%s, %s): %d classes, %d train / %d val images",
+            self.gldv2.root, self.gldv2.layout, hp.train_subset, self.num_classes,
+            len(self.train_ids), len(self.val_ids),
+        )
+
+    @staticmethod
+    def _val_mask(labels: Sequence[int], fraction: float, seed: int) -> list[bool]:
+        """Random hold-out of ``fraction`` of the images, never a class's last one."""
+        mask = [False] * len(labels)
+        target = int(round(fraction * len(labels)))
+        if target == 0:
+            return mask
+        left = Counter(labels)
+        order = list(range(len(labels)))
+        random.Random(seed).shuffle(order)
+        taken = 0
+        for k in order:
+            if taken == target:
+                break
+            if left[labels[k]] > 1:
+                left[labels[k]] -= 1
+                mask[k] = True
+                taken += 1
+        return mask
+
+    def _require_setup(self) -> None:
+        if not self._is_setup:
+            self.setup()
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented batches of ``{"image", "label", "index"}``."""
+        self._require_setup()
+        hp = self.hparams
+        ds = ImageDataset(
+            self.gldv2.root, "train", self.train_ids, self.train_labels,
+            make_transforms(hp.image_size, train=True, hflip=hp.hflip),
+        )
+        return self._loader(ds, shuffle=True, drop_last=len(ds) > hp.batch_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Eval-transform batches of the held-out images; ``[]`` when val_fraction is 0."""
+        self._require_setup()
+        if not self.val_ids:
+            return []
+        ds = ImageDataset(
+            self.gldv2.root, "train", self.val_ids, self.val_labels,
+            make_transforms(self.hparams.image_size, train=False),
+        )
+        return self._loader(ds, shuffle=False, drop_last=False)
+
+    def eval_dataloader(self, split: str, ids: Sequence[str] | None = None) -> DataLoader:
+        """Unshuffled eval-transform batches of ``{"image", "index"}`` (no labels).
+
+        Args:
+            split: 'train', 'index' or 'test'.
+            ids: images to load; default every id of the split (for 'train': the
+                whole configured train subset, ``subset_pairs`` order).
+        """
+        _check_split(split)
+        if ids is None:
+            if split == "train":
+                self._require_setup()
+                ids = [i for i, _ in self.subset_pairs]
+            else:
+                ids = self.gldv2.index_ids() if split == "index" else self.gldv2.test_ids()
+        ds = ImageDataset(self.gldv2.root, split, ids, None, make_transforms(self.hparams.image_size, train=False))
+        return self._loader(ds, shuffle=False, drop_last=False)
+
+    def data_config(self) -> dict[str, Any]:
+        """JSON-serialisable description of the preprocessing and classes.
+
+        Stored inside model artifacts so inference needs no training config; feed it to
+        :func:`transforms_from_config`. ``label_map`` keys are ``str(landmark_id)``.
+        """
+        self._require_setup()
+        hp = self.hparams
+        return {
+            "image_size": int(hp.image_size),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "train_subset": hp.train_subset,
+            "min_samples": int(hp.min_samples),
+            "num_classes": self.num_classes,
+            "label_map": {str(lm): c for lm, c in self.label_map.items()},
+        }
