@@ -83,6 +83,8 @@ def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "effi
     module = LandmarkModule(net, num_classes=dm.num_classes, arcface_s=arcface_s, arcface_m=arcface_m, lr=lr,
                             backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay)
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of mixed precision
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator=accelerator, devices=devices, strategy=strategy,
         precision=precision or ("bf16-mixed" if cuda else "32-true"),
