@@ -29,7 +29,7 @@ from glr.utils import atomic_write
 log = logging.getLogger(__name__)
 
 #: Defaults of the demo's fine-tuning run (CPU-sized; real runs override them).
-DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image_size=96, epochs=5,
+DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image_size=112, epochs=8,
                   batch_size=32, lr=2e-3, backbone_lr_mult=0.5, arcface_s=30.0, arcface_m=0.2)
 
 

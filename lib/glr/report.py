@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from glr import metrics
 from glr.data import GLDv2Root
+from glr.submission import read_submission
 
 _NAMES = {"thumbnail": "16x16 colour thumbnails, cosine kNN",
           "imagenet": "ImageNet lite0 + GeM, no training",
@@ -51,8 +51,8 @@ def draw_retrievals(root: GLDv2Root, cv_dir: str | os.PathLike, path: str | os.P
     """
     public, private, _ = metrics.read_solution(root.solution_path("retrieval"), "retrieval")
     gt = {**public, **private}
-    with open(Path(cv_dir) / "submission.csv", newline="") as f:
-        preds = {row[0]: row[1].split(" ") if row[1] else [] for row in list(csv.reader(f))[1:]}
+    preds = {q: cell.split(" ") if cell else [] for q, cell in read_submission(Path(cv_dir) / "submission.csv",
+                                                                               "retrieval")}
     queries = [q for q in preds if q in gt][:n_queries]
     pad = 4
     sheet = Image.new("RGB", ((top + 1) * (thumb + pad) + pad, max(1, len(queries)) * (thumb + pad) + pad), "white")

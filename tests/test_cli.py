@@ -1,0 +1,60 @@
+"""The command line: score output, configs, argument errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from glr.cli import _TRAIN_OPTS, _load_config, main
+from glr.utils import InputError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_score_json_has_public_and_private(tmp_path, capsys):
+    sol = _write(tmp_path / "sol.csv", ["id,images,Usage", "q1,a b,Public", "q2,c,Private", "q3,None,Ignored"])
+    sub = _write(tmp_path / "sub.csv", ["id,images", "q1,b a", "q2,x c", "q3,zzz"])
+    assert main(["score", "--task", "retrieval", "--solution", str(sol), "--submission", str(sub), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["public"]["map@100"] == 1.0          # both relevant at ranks 1, 2
+    assert out["private"]["map@100"] == 0.5         # relevant at rank 2: 1/2 / min(1, 100)
+    assert out["public"]["n_queries"] == 1 and out["private"]["n_queries"] == 1
+
+
+def test_score_null_subset_and_table(tmp_path, capsys):
+    sol = _write(tmp_path / "sol.csv", ["id,landmarks,Usage", "q1,7,Private", "q2,,Public"])
+    sub = _write(tmp_path / "sub.csv", ["id,landmarks", "q1,7 0.9", "q2,3 0.5"])
+    assert main(["score", "--task", "recognition", "--solution", str(sol), "--submission", str(sub), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["public"] is None                    # no Public query with ground truth
+    assert out["private"]["gap"] == 1.0
+    assert main(["score", "--task", "recognition", "--solution", str(sol), "--submission", str(sub)]) == 0
+    assert "—" in capsys.readouterr().out
+
+
+def test_score_bad_submission_names_file_and_line(tmp_path, capsys):
+    sol = _write(tmp_path / "sol.csv", ["id,landmarks,Usage", "q1,7,Private"])
+    sub = _write(tmp_path / "sub.csv", ["id,landmarks", "q1,7 0.9 1"])
+    assert main(["score", "--task", "recognition", "--solution", str(sol), "--submission", str(sub)]) == 2
+    assert "sub.csv:2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_configs_use_known_train_options(config):
+    cfg = _load_config(str(config))
+    assert cfg and set(cfg) <= set(_TRAIN_OPTS) | {"exp_id"}
+    for key, value in cfg.items():
+        assert value is None or isinstance(value, (_TRAIN_OPTS[key][0], int)), key
+
+
+def test_config_errors(tmp_path):
+    bad = _write(tmp_path / "bad.yaml", ["- a list"])
+    with pytest.raises(InputError, match="bad.yaml"):
+        _load_config(str(bad))
+    unknown = _write(tmp_path / "u.yaml", ["learning_rate: 3"])
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", str(unknown)]) == 2
