@@ -106,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, force=True,
                         format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its INFO lines list every CPU build it tries
+    for name in ("lightning.pytorch", "lightning.fabric"):  # they print through handlers of their own
+        logging.getLogger(name).propagate = False
     try:
         return _run(args)
     except InputError as e:
