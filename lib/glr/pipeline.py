@@ -189,8 +189,12 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
 # --------------------------------------------------------------------------- demo
 def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submission",
          work: str | os.PathLike = "runs/demo", quick: bool = False, train_args: dict | None = None,
-         baselines: bool = True, num_workers: int = 2, progress: bool = True) -> dict[str, Any]:
+         baselines: bool = True, num_workers: int = 2, progress: bool = True,
+         synth_args: dict | None = None) -> dict[str, Any]:
     """synth (unless ``data``) → train → CV, plus the two reference descriptors.
+
+    ``quick`` shrinks data and model to seconds (tests); ``train_args`` / ``synth_args``
+    override :func:`train` / :func:`glr.synth.make_synthetic_gldv2` arguments.
 
     Writes ``out/submission.csv`` (retrieval), ``out/submission_recognition.csv``,
     ``out/cv.json`` (the fine-tuned model's score JSON, with a ``baselines`` entry) and
@@ -203,8 +207,8 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
     if data is None:
         data = work / "data"
         if not (Path(data) / "train.csv").exists():
-            make_synthetic_gldv2(data, seed=0, **(dict(n_landmarks=24, scale=0.15, image_size=48) if quick else {}),
-                                 progress=progress)
+            synth_kw = dict(n_landmarks=24, scale=0.15, image_size=48) if quick else {}
+            make_synthetic_gldv2(data, **dict(synth_kw, seed=0, progress=progress, **(synth_args or {})))
     targs = dict(DEMO_TRAIN, **(dict(epochs=1, image_size=48, backbone="test_resnet", pretrained=None)
                                 if quick else {}))
     targs.update(train_args or {})
