@@ -5,6 +5,7 @@ import json
 import random
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image, ImageDraw
 
@@ -133,3 +134,47 @@ def test_cli_reports_bad_input_with_file_and_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "train.csv:12" in err
+
+
+def _to_kaggle_layout(src, dst):
+    """The Kaggle 2021 competition layout: train.csv `id,landmark_id`, image folders, no index/test
+    lists and no solutions."""
+    import shutil
+
+    for split in ("train", "index", "test"):
+        shutil.copytree(src / split, dst / split)
+    rows = list(csv.reader(open(src / "train.csv")))[1:]
+    _write_csv(dst / "train.csv", ["id", "landmark_id"], [(r[0], r[2]) for r in rows])
+    return dst
+
+
+def test_cv_on_kaggle_layout_writes_a_valid_submission(tmp_path, capsys):
+    src = _foreign_root(tmp_path / "root", n_landmarks=3)
+    data = _to_kaggle_layout(src, tmp_path / "kaggle")
+    out = tmp_path / "sub"
+    assert main(["cv", "--data", str(data), "--descriptor", "thumbnail", "--out", str(out), "--num-workers", "0"]) == 0
+    test_ids = sorted(p.stem for p in (data / "test").rglob("*.jpg"))
+    index_ids = {p.stem for p in (data / "index").rglob("*.jpg")}
+    validate_submission_file(out / "submission.csv", "retrieval", expected_ids=test_ids, index_ids=index_ids)
+    validate_submission_file(out / "submission_recognition.csv", "recognition", expected_ids=test_ids)
+    cvj = json.loads((out / "cv.json").read_text())
+    assert cvj["public"] is None and cvj["private"] is None and cvj["recognition"] is None  # no solution files
+
+
+def test_train_with_validation_split_and_stage_two(tmp_path):
+    from glr.model import load_artifact
+    from glr.pipeline import train
+
+    data = _foreign_root(tmp_path / "root", n_landmarks=4)
+    a1 = train(data, tmp_path / "s1", backbone="test_resnet", pretrained=None, image_size=32, epochs=1,
+               batch_size=8, val_fraction=0.25, num_workers=0, progress=False)
+    metrics_csv = next((tmp_path / "s1" / "logs").rglob("metrics.csv")).read_text()
+    assert "val/acc" in metrics_csv
+    # stage 2 starts from stage 1's weights (bigger images, full train set), not from scratch
+    net1, _, _ = load_artifact(a1)
+    a2 = train(data, tmp_path / "s2", backbone="test_resnet", init_from=str(a1), image_size=40, epochs=1,
+               batch_size=8, train_subset="full", lr=0.0, num_workers=0, progress=False)
+    net2, dc2, meta2 = load_artifact(a2)
+    assert dc2["image_size"] == 40 and meta2["init_from"] == str(a1) and dc2["train_subset"] == "full"
+    w1, w2 = net1.backbone.state_dict(), net2.backbone.state_dict()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if "running" not in k and "num_batches" not in k)

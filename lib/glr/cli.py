@@ -45,6 +45,7 @@ _TRAIN_OPTS = {  # option: (type, help); defaults come from glr.pipeline.train
     "embedding_size": (int, "embedding dimension"),
     "train_subset": (str, "clean | full"),
     "min_samples": (int, "drop classes with fewer images"),
+    "val_fraction": (float, "hold out this fraction of train images for val/loss and val/acc"),
     "num_workers": (int, "data-loader workers"),
     "seed": (int, "random seed"),
     "init_from": (str, "artifact whose weights start this stage"),

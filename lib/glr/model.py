@@ -273,6 +273,13 @@ class LandmarkModule(pl.LightningModule):
                       batch_size=len(batch["label"]))
         return loss
 
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Held-out images (``val_fraction`` > 0): loss and accuracy without the margin."""
+        logits = self.head(self.net.forward_unnormalised(batch["image"]))
+        self.log_dict({"val/loss": F.cross_entropy(logits, batch["label"]),
+                       "val/acc": (logits.argmax(1) == batch["label"]).float().mean()},
+                      prog_bar=True, on_epoch=True, batch_size=len(batch["label"]))
+
     def configure_optimizers(self):
         hp = self.hparams
         backbone = list(self.net.backbone.parameters()) if hasattr(self.net, "backbone") else []

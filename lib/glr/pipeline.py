@@ -48,7 +48,8 @@ def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "effi
           batch_size: int = 32, lr: float = 2e-3, backbone_lr_mult: float = 0.5,
           weight_decay: float = 1e-4, arcface_s: float = 30.0, arcface_m: float = 0.2,
           embedding_size: int = 512, gem_p: float = 3.0, train_subset: str = "clean",
-          min_samples: int = 2, num_workers: int = 2, seed: int = 0, init_from: str | None = None,
+          min_samples: int = 2, val_fraction: float = 0.0, num_workers: int = 2, seed: int = 0,
+          init_from: str | None = None,
           accelerator: str = "auto", devices: Any = "auto", strategy: str = "auto",
           precision: str | None = None, limit_train_batches: int | float | None = None,
           exp_id: str | None = None, progress: bool = True) -> Path:
@@ -72,7 +73,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "effi
     out.mkdir(parents=True, exist_ok=True)
     train_subset = effective_subset(GLDv2Root.open(root), train_subset)
     dm = GLDv2DataModule(str(root), image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         train_subset=train_subset, min_samples=min_samples, seed=seed)
+                         train_subset=train_subset, min_samples=min_samples, val_fraction=val_fraction, seed=seed)
     dm.setup("fit")
     if init_from:  # weights only: the new stage keeps the architecture of the artifact it starts from
         net, _, _ = load_artifact(init_from)
