@@ -95,7 +95,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "effi
     )
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
-    meta = dict(exp_id=exp_id or out.name, backbone=backbone, epochs=epochs, image_size=image_size,
+    meta = dict(exp_id=exp_id or out.name, backbone=net.model_args["backbone"], epochs=epochs, image_size=image_size,
                 train_subset=train_subset, num_classes=dm.num_classes, n_train=len(dm.train_ids),
                 train_seconds=round(time.time() - t0, 1), init_from=init_from,
                 final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))))
@@ -168,7 +168,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
     for s, ids in splits.items():
         save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
 
-    S, I = knn(emb["test"], emb["index"], k)
+    _, I = knn(emb["test"], emb["index"], k)
     sub = write_submission(out / "submission.csv", retrieval_rows(test_ids, index_ids, I), "retrieval",
                            expected_ids=test_ids, index_ids=set(index_ids))
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind}
