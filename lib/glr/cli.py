@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--num-workers", type=int, default=2)
     c.add_argument("--no-recognition", action="store_true", help="skip the train-set embedding and GAP")
+    c.add_argument("--train-subset", choices=["clean", "full"], default="clean",
+                   help="train images voting for recognition")
 
     sc = sub.add_parser("score", help="official GLDv2 metrics of a submission file")
     sc.add_argument("--task", choices=["retrieval", "recognition"], required=True)
@@ -155,7 +157,8 @@ def _run(args: argparse.Namespace) -> int:
 
         result = pipeline.cv(args.data, args.out, artifact=args.model, kind=args.descriptor,
                              image_size=args.image_size, batch_size=args.batch_size,
-                             num_workers=args.num_workers, recognition=not args.no_recognition)
+                             num_workers=args.num_workers, recognition=not args.no_recognition,
+                             train_subset=args.train_subset)
         print(cv_table(result))
         return 0
     if args.cmd == "demo":

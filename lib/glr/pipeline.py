@@ -34,15 +34,6 @@ DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image
 
 
 # --------------------------------------------------------------------------- train
-def effective_subset(root: GLDv2Root, wanted: str) -> str:
-    """``wanted`` ("clean" | "full"), or "full" when a clean list is asked for but the root has
-    none (the Kaggle 2020/2021 ``train.csv`` already is the clean set)."""
-    if wanted == "clean" and not (Path(root.root) / "train_clean.csv").exists():
-        log.warning("%s has no train_clean.csv: training on train.csv as it is", root.root)
-        return "full"
-    return wanted
-
-
 def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "efficientnet_lite0",
           pretrained: str | None = LITE0_PACKAGE, image_size: int = 96, epochs: int = 5,
           batch_size: int = 32, lr: float = 2e-3, backbone_lr_mult: float = 0.5,
@@ -71,7 +62,6 @@ def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "effi
     pl.seed_everything(seed, workers=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    train_subset = effective_subset(GLDv2Root.open(root), train_subset)
     dm = GLDv2DataModule(str(root), image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          train_subset=train_subset, min_samples=min_samples, val_fraction=val_fraction, seed=seed)
     dm.setup("fit")
@@ -137,7 +127,8 @@ def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifac
 # --------------------------------------------------------------------------- cv
 def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = None, kind: str = "model",
        image_size: int | None = None, batch_size: int = 64, num_workers: int = 2, k: int = 100,
-       recognition: bool = True, progress: bool = True) -> dict[str, Any]:
+       recognition: bool = True, train_subset: str = "clean", extra: dict[str, Any] | None = None,
+       progress: bool = True) -> dict[str, Any]:
     """Embed → search → submissions → score on a GLDv2-format root.
 
     Args:
@@ -148,8 +139,10 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
         kind: ``model`` (the artifact), ``imagenet`` (lite0 ImageNet weights, GeM, no training)
             or ``thumbnail`` (16×16 colour thumbnails).
         k: retrieval list length (≤ 100 are written).
-        recognition: also predict landmarks by the top-5 cosine-sum vote over clean train
+        recognition: also predict landmarks by the top-5 cosine-sum vote over the train
             images (needs their embeddings; set False to skip on a big root).
+        train_subset: the recognition database, "clean" or "full" (see ``GLDv2Root.train_ids_labels``).
+        extra: entries added to ``cv.json`` (the demo's baselines).
 
     Returns:
         ``{"task": "retrieval", "public": …, "private": …, "recognition": {...}}`` as in
@@ -162,7 +155,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
     splits = {"test": test_ids, "index": index_ids}
     train_pairs: list[tuple[str, int]] = []
     if recognition:
-        train_pairs = root.train_ids_labels(effective_subset(root, "clean"))
+        train_pairs = root.train_ids_labels(train_subset)
         splits["train"] = [i for i, _ in train_pairs]
     emb = _embed_all(kind, root, splits, artifact, image_size, batch_size, num_workers, progress)
     for s, ids in splits.items():
@@ -182,6 +175,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
                                 "recognition", expected_ids=test_ids)
         rsol = root.solution_path("recognition")
         result["recognition"] = metrics.score("recognition", rsol, rsub) if rsol is not None else None
+    result.update(extra or {})
     with atomic_write(out / "cv.json") as f:
         json.dump(result, f, indent=2)
     return result
@@ -220,11 +214,9 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
             r = cv(data, work / f"cv_{kind}", kind=kind, image_size=targs["image_size"],
                    num_workers=num_workers, recognition=False, progress=progress)
             figures[kind] = {"public": r["public"], "private": r["private"]}
-    result = cv(data, out, artifact=str(artifact), num_workers=num_workers, progress=progress)
-    result["baselines"] = figures
-    result["artifact"] = str(artifact)
-    with atomic_write(out / "cv.json") as f:
-        json.dump(result, f, indent=2)
+    result = cv(data, out, artifact=str(artifact), num_workers=num_workers, progress=progress,
+                train_subset=targs.get("train_subset", "clean"),
+                extra={"baselines": figures, "artifact": str(artifact)})
     root = GLDv2Root.open(data)
     sol = root.solution_path("retrieval")
     if sol is not None:
