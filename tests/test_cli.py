@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from glr.cli import _TRAIN_OPTS, _load_config, main
+from glr.cli import _load_config, main
+from glr.experiment import parse_experiment
 from glr.utils import InputError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("exp*.yaml"))
 
 
 def _write(path, lines):
@@ -46,10 +47,14 @@ def test_score_bad_submission_names_file_and_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_configs_use_known_train_options(config):
-    cfg = _load_config(str(config))
-    assert cfg and set(cfg) <= set(_TRAIN_OPTS) | {"exp_id"}
-    for key, value in cfg.items():
-        assert value is None or isinstance(value, (_TRAIN_OPTS[key][0], int)), key
+    from glr.pipeline import TRAIN_DEFAULTS
+
+    exp = parse_experiment(config)  # raises on an unknown option
+    assert exp.name == config.stem and exp.stages
+    for _, opts in exp.stages:
+        for key, value in opts.items():
+            default = TRAIN_DEFAULTS[key]
+            assert value is None or default is None or isinstance(value, (type(default), int)), key
 
 
 def test_config_errors(tmp_path):

@@ -347,7 +347,7 @@ def test_image_dataset(tmp_path):
 
 def test_datamodule_kaggle(tmp_path):
     root = kaggle_root(tmp_path)
-    dm = GLDv2DataModule(str(root), image_size=16, batch_size=2, train_subset="clean", min_samples=2)
+    dm = GLDv2DataModule(str(root), image_size=16, batch_size=2, train_set="clean", min_samples=2)
     dm.setup("fit")
     assert dm.label_map == {3: 0, 10: 1} and dm.num_classes == 2 and dm.landmark_ids == [3, 10]
     assert len(dm.train_ids) == 6 and hexid(0x3001) not in dm.train_ids
@@ -370,14 +370,14 @@ def test_datamodule_kaggle(tmp_path):
     cfg = json.loads(json.dumps(dm.data_config()))
     assert cfg == dm.data_config()
     assert cfg["num_classes"] == 2 and cfg["label_map"] == {"3": 0, "10": 1}
-    assert cfg["image_size"] == 16 and cfg["train_subset"] == "clean" and cfg["min_samples"] == 2
+    assert cfg["image_size"] == 16 and cfg["train_set"] == "clean" and cfg["min_samples"] == 2
     assert transforms_from_config(cfg)(Image.new("RGB", (5, 7))).shape == (3, 16, 16)
     assert dm.hparams.batch_size == 2
 
 
 def test_datamodule_official_clean_and_val(tmp_path):
     root = official_root(tmp_path)
-    dm = GLDv2DataModule(str(root), image_size=8, batch_size=8, train_subset="clean", min_samples=1, val_fraction=0.5)
+    dm = GLDv2DataModule(str(root), image_size=8, batch_size=8, train_set="clean", min_samples=1, val_fraction=0.5)
     dm.setup()
     assert dm.label_map == {3: 0, 10: 1}
     assert len(dm.val_ids) == 2 and len(dm.train_ids) == 2
@@ -387,6 +387,6 @@ def test_datamodule_official_clean_and_val(tmp_path):
     vb = next(iter(dm.val_dataloader()))
     assert vb["image"].shape == (2, 3, 8, 8) and vb["label"].shape == (2,)
     with pytest.raises(InputError, match="at least 5"):
-        GLDv2DataModule(str(root), train_subset="full", min_samples=5).setup()
+        GLDv2DataModule(str(root), train_set="full", min_samples=5).setup()
     with pytest.raises(ValueError):
-        GLDv2DataModule(str(root), train_subset="dirty")
+        GLDv2DataModule(str(root), train_set="dirty")

@@ -106,9 +106,19 @@ def test_quick_demo_on_embedded_data(tmp_path, capsys):
     cvj = _check_outputs(out, work / "data")
     assert set(cvj["baselines"]) == {"thumbnail", "imagenet"}
     assert cvj["recognition"]["public"]["gap"] is not None
-    assert (work / "model" / "model.pt").exists() and (out / "retrievals.png").exists()
+    assert (out / "retrievals.png").exists()
+    # an ensemble of two backbones, each in two stages with growing image size and training set
+    assert [(s["train_set"], s["image_size"]) for s in cvj["stages"]] == [("clean", 32), ("c2x", 40)] * 2
+    assert all(s["cv"]["public"]["map@100"] is not None for s in cvj["stages"])
+    assert len(cvj["ensemble"]) == 2 and len(cvj["artifacts"]) == 2
+    for exp in ("quick_resnet", "quick_effnet"):
+        manifest = json.loads((work / "weights" / exp / "manifest.json").read_text())
+        assert [e["stage"] for e in manifest["stages"]] == ["s1", "s2"]
+        assert all((work / "weights" / exp / e["file"]).is_file() for e in manifest["stages"])
+    with np.load(out / "emb_index.npz") as z:  # two concatenated 512-d blocks, re-normalised
+        assert z["emb"].shape[1] == 1024 and np.allclose(np.linalg.norm(z["emb"], axis=1), 1, atol=1e-5)
     printed = capsys.readouterr().out
-    assert "mAP@100" in printed and "fine-tuned model" in printed
+    assert printed.count("mAP@100") >= 5 and "quick_effnet s2" in printed and "ensemble (2 models" in printed
 
 
 def test_demo_on_a_root_made_elsewhere(tmp_path):
@@ -173,8 +183,8 @@ def test_train_with_validation_split_and_stage_two(tmp_path):
     # stage 2 starts from stage 1's weights (bigger images, full train set), not from scratch
     net1, _, _ = load_artifact(a1)
     a2 = train(data, tmp_path / "s2", backbone="test_resnet", init_from=str(a1), image_size=40, epochs=1,
-               batch_size=8, train_subset="full", lr=0.0, num_workers=0, progress=False)
+               batch_size=8, train_set="full", lr=0.0, num_workers=0, progress=False)
     net2, dc2, meta2 = load_artifact(a2)
-    assert dc2["image_size"] == 40 and meta2["init_from"] == str(a1) and dc2["train_subset"] == "full"
+    assert dc2["image_size"] == 40 and meta2["init_from"] == str(a1) and dc2["train_set"] == "full"
     w1, w2 = net1.backbone.state_dict(), net2.backbone.state_dict()
     assert all(torch.equal(w1[k], w2[k]) for k in w1 if "running" not in k and "num_batches" not in k)

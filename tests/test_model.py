@@ -130,7 +130,8 @@ def test_artifact_rebuilds_alone(tmp_path):
     with torch.no_grad():
         assert torch.allclose(net(x), net2(x), atol=1e-6)
     assert dc == data_config and meta["exp_id"] == "t"
-    assert net2.model_args == {"backbone": "test_resnet", "embedding_size": 16, "gem_p": 2.5, "drop_rate": 0.0}
+    assert net2.model_args == {"backbone": "test_resnet", "embedding_size": 16, "gem_p": 2.5, "drop_rate": 0.0,
+                               "last_stride": False, "bnneck": False}
     assert not list(tmp_path.glob("a/.*tmp"))
     with pytest.raises(InputError, match="not a glr-artifact"):
         torch.save({"x": 1}, tmp_path / "bad.pt")

@@ -17,7 +17,7 @@ HEADERS = {
     "train.csv": ["id", "url", "landmark_id"],
     "train_clean.csv": ["landmark_id", "images"],
     "train_label_to_category.csv": ["landmark_id", "category"],
-    "train_label_to_country.csv": ["landmark_id", "country", "continent"],
+    "train_label_to_country.csv": ["landmark_id", "country"],
     "index.csv": ["id"],
     "index_image_to_landmark.csv": ["id", "landmark_id"],
     "index_label_to_category.csv": ["landmark_id", "category"],
@@ -171,6 +171,7 @@ def test_country_table(tiny):
     root, summary = tiny
     t = rows(root, "train_label_to_country.csv")
     assert len(t) == summary["train_classes"] and len({r["country"] for r in t}) >= 4
+    assert all(len(r["country"]) == 2 and r["country"].isupper() for r in t)  # ISO 3166-1 alpha-2
     assert {r["landmark_id"] for r in t} == {r["landmark_id"] for r in rows(root, "train_label_to_category.csv")}
 
 

@@ -1,4 +1,4 @@
-"""The ``glr`` command line: ``glr synth | train | cv | score | demo``.
+"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | cv | score | weights | demo``.
 
 Every subcommand takes a GLDv2-format root (official v2.1 file names or the Kaggle 2021
 layout); bad input ends with a one-line error naming the file and line, exit status 2.
@@ -11,13 +11,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from glr.utils import InputError
 
 
 def _load_config(path: str | None) -> dict:
-    """Read a YAML/JSON experiment config (flat keys = ``glr train`` options)."""
+    """Read a YAML/JSON config mapping (keys with '-' become '_')."""
     if not path:
         return {}
     import yaml
@@ -32,29 +32,83 @@ def _load_config(path: str | None) -> dict:
     return {k.replace("-", "_"): v for k, v in cfg.items()}
 
 
-_TRAIN_OPTS = {  # option: (type, help); defaults come from glr.pipeline.train
+def _bool(x: str) -> bool:
+    v = x.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {x!r}")
+
+
+def _devices(x: str) -> int | str:
+    return int(x) if x.isdigit() else x
+
+
+#: ``glr train`` flags: every key of glr.pipeline.TRAIN_DEFAULTS; (type, help) for the ones
+#: whose default does not tell the type, or that deserve a help line.
+_TRAIN_HELP: dict[str, tuple[Any, str]] = {
     "backbone": (str, "timm model name"),
     "pretrained": (str, "timm-keyed weights file, 'efficientnet-lite0-package', or '' for random init"),
+    "last_stride": (_bool, "ResNet family: stride 1 in the last stage (re-ID trick)"),
+    "bnneck": (_bool, "bias-free neck BatchNorm (BNNeck, re-ID trick)"),
+    "head": (str, "arcface | subcenter_arcface | cosface"),
+    "subcenter_k": (int, "sub-centers per class (subcenter_arcface)"),
+    "dynamic_margin": (_bool, "per-class margins a·f(count^-1/4)+b (1st place GLR2021)"),
+    "label_smoothing": (float, "label smoothing of the cross-entropy"),
+    "class_weight_power": (float, "class loss weights ∝ count^-power (0: off)"),
     "image_size": (int, "training image size"),
-    "epochs": (int, "epochs"),
-    "batch_size": (int, "batch size"),
+    "train_set": (str, "clean | c2x | full | all"),
+    "sampler": (str, "shuffle | id_uniform | continent"),
+    "pk_k": (int, "images per class of the id_uniform (P×K) sampler"),
+    "continent_probs": (None, "config only: mapping continent: probability"),
+    "clean_prob": (float, "continent sampler: probability of a clean image (default 0.66)"),
+    "random_erasing": (float, "random-erasing probability (re-ID trick; 0: off)"),
+    "hflip": (_bool, "random horizontal flips"),
+    "allow_val_leak": (_bool, "let 'all' keep the validation ground truth (marks the CV invalid)"),
+    "val_fraction": (float, "hold out this fraction of train images for val/loss and val/acc"),
+    "optimizer": (str, "adamw | sgd"),
     "lr": (float, "peak learning rate (head and neck)"),
     "backbone_lr_mult": (float, "backbone learning-rate multiplier"),
-    "arcface_s": (float, "ArcFace scale"),
-    "arcface_m": (float, "ArcFace margin"),
-    "embedding_size": (int, "embedding dimension"),
-    "train_subset": (str, "clean | full"),
-    "min_samples": (int, "drop classes with fewer images"),
-    "val_fraction": (float, "hold out this fraction of train images for val/loss and val/acc"),
-    "num_workers": (int, "data-loader workers"),
-    "seed": (int, "random seed"),
-    "init_from": (str, "artifact whose weights start this stage"),
+    "warmup_epochs": (float, "linear warm-up in epochs (default: warmup_frac of the steps)"),
+    "accumulate_grad_batches": (int, "gradient accumulation"),
+    "init_from": (str, "artifact whose weights start this stage (weights only: fresh optimiser)"),
     "accelerator": (str, "Lightning accelerator (auto, cpu, gpu)"),
-    "devices": (str, "Lightning devices (auto, 1, 4, …)"),
+    "devices": (_devices, "Lightning devices per node (auto, 1, 4, …)"),
+    "num_nodes": (int, "Lightning num_nodes"),
     "strategy": (str, "Lightning strategy (auto, ddp, …)"),
     "precision": (str, "Lightning precision (32-true, bf16-mixed, 16-mixed)"),
     "limit_train_batches": (float, "train on this many batches (int) or this fraction (<1) per epoch"),
+    "experiment": (str, "experiment id written into the artifact"),
+    "stage": (str, "stage name written into the artifact"),
 }
+
+
+def _train_flags() -> dict[str, tuple[Any, str]]:
+    from glr.pipeline import TRAIN_DEFAULTS
+
+    flags = {}
+    for k, default in TRAIN_DEFAULTS.items():
+        typ, hlp = _TRAIN_HELP.get(k, (None, ""))
+        if typ is None and k in _TRAIN_HELP:
+            continue  # config-only option
+        if typ is None:
+            typ = _bool if isinstance(default, bool) else type(default) if default is not None else str
+        flags[k] = (typ, f"{hlp} (default {default})".strip())
+    return flags
+
+
+def _overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are parsed as YAML scalars (``4``, ``true``, ``0.1``)."""
+    import yaml
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InputError(f"--set expects key=value, got {pair!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,16 +123,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=96)
     s.add_argument("--scale", type=float, default=1.0, help="multiplies the image counts")
 
-    t = sub.add_parser("train", help="fine-tune a backbone with GeM + neck + ArcFace; writes OUT/model.pt")
+    t = sub.add_parser("train", help="train one stage (GeM + neck + margin head); writes OUT/model.pt")
     t.add_argument("--data", required=True, help="GLDv2-format root")
     t.add_argument("--out", required=True, help="run folder")
-    t.add_argument("--config", help="YAML config of train options (command-line options win)")
-    for name, (typ, hlp) in _TRAIN_OPTS.items():
+    t.add_argument("--config", help="YAML experiment config (command-line options win)")
+    t.add_argument("--config-stage", help="which stage of a staged config to train")
+    for name, (typ, hlp) in _train_flags().items():
         t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=hlp)
+
+    x = sub.add_parser("experiment", help="train every stage of an experiment config, CV after each; "
+                                          "artifacts and manifest in WEIGHTS/<experiment>/")
+    x.add_argument("config", help="YAML experiment config (options + stages)")
+    x.add_argument("--data", required=True, help="GLDv2-format root")
+    x.add_argument("--runs", default="runs", help="run folders: RUNS/<experiment>/<stage>")
+    x.add_argument("--weights", default="weights", help="artifacts: WEIGHTS/<experiment>/<stage>.pt")
+    x.add_argument("--set", action="append", metavar="KEY=VALUE", help="option for every stage (repeatable)")
+    x.add_argument("--no-cv", action="store_true", help="skip the CV after each stage")
+    x.add_argument("--no-recognition", action="store_true", help="CV without the recognition GAP")
+    x.add_argument("--force", action="store_true", help="retrain stages already in the manifest")
+
+    ab = sub.add_parser("ablate", help="the seed's Tables 2 and 3 (re-ID tricks, samplers) on a root")
+    ab.add_argument("--data", required=True, help="GLDv2-format root with a retrieval solution")
+    ab.add_argument("--config", required=True, help="the baseline's options (first stage of a config)")
+    ab.add_argument("--out", default="runs/ablation")
+    ab.add_argument("--tables", nargs="+", default=["2", "3"], help="which tables (2 = tricks, 3 = samplers)")
+    ab.add_argument("--set", action="append", metavar="KEY=VALUE", help="option for every run (repeatable)")
+
+    w = sub.add_parser("weights", help="weights: pack artifacts into a Kaggle dataset folder")
+    wsub = w.add_subparsers(dest="weights_cmd", required=True)
+    wp = wsub.add_parser("pack", help="copy artifacts + manifest.json + dataset-metadata.json into OUT")
+    wp.add_argument("artifacts", nargs="*", help="artifacts (model.pt files)")
+    wp.add_argument("--ensemble", help="or: an ensemble YAML whose members are packed")
+    wp.add_argument("--weights", default="weights", help="weights folder the ensemble's experiments live in")
+    wp.add_argument("--out", required=True, help="dataset folder to create")
+    wp.add_argument("--id", required=True, dest="dataset_id", help="Kaggle dataset id owner/slug")
+    wp.add_argument("--title", help="dataset title (6-50 characters)")
+    wp.add_argument("--overwrite", action="store_true")
 
     c = sub.add_parser("cv", help="embed → search → submissions → score on a GLDv2-format root")
     c.add_argument("--data", required=True)
-    c.add_argument("--model", help="model artifact (model.pt)")
+    c.add_argument("--model", nargs="+", help="model artifact(s); several are an ensemble (concatenated)")
+    c.add_argument("--ensemble", help="ensemble YAML (members: experiment / artifact, weight)")
+    c.add_argument("--weights", default="weights", help="weights folder of the ensemble's experiments")
     c.add_argument("--descriptor", choices=["model", "imagenet", "thumbnail"], default="model")
     c.add_argument("--out", default="submission")
     c.add_argument("--image-size", type=int)
@@ -102,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int)
     d.add_argument("--no-baselines", action="store_true")
     d.add_argument("--num-workers", type=int, default=2)
+    # --- glr embed (multi-GPU / multi-node export through Lightning strategies) ---
+    e = sub.add_parser("embed", help="embed one split with a model artifact (any Lightning strategy); "
+                                     "writes ids + embeddings to an .npz")
+    e.add_argument("--model", required=True, help="model artifact (model.pt)")
+    e.add_argument("--data", required=True, help="GLDv2-format root")
+    e.add_argument("--split", choices=["train", "index", "test"], required=True,
+                   help="train = the clean subset")
+    e.add_argument("--out", required=True, help="output .npz (ids, emb)")
+    e.add_argument("--image-size", type=int, help="default: the artifact's image size")
+    e.add_argument("--batch-size", type=int, default=64, help="images per batch and process")
+    e.add_argument("--num-workers", type=int, default=2, help="data-loader workers per process")
+    e.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)")
+    e.add_argument("--devices", default="auto", help="Lightning devices per node (auto, 1, 4, …)")
+    e.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
+    e.add_argument("--strategy", default="auto", help="Lightning strategy (auto, ddp, …)")
+    e.add_argument("--precision", help="Lightning precision (default 16-mixed on CUDA, 32-true on CPU)")
+    # --- end glr embed ---
     return p
 
 
@@ -134,31 +237,85 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
 
+    if args.cmd == "embed":  # Lightning's ddp launcher re-runs this command line for the other ranks
+        import contextlib
+
+        from glr.embeddings import export_embeddings, global_rank
+
+        devices = int(args.devices) if args.devices.isdigit() else args.devices
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # progress bars; stdout is the path alone
+                path = export_embeddings(args.model, args.data, args.split, args.out,
+                                         image_size=args.image_size, batch_size=args.batch_size,
+                                         num_workers=args.num_workers, accelerator=args.accelerator,
+                                         devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+                                         precision=args.precision)
+        except InputError:
+            if global_rank() > 0:  # rank 0 reports it; a failing child would get rank 0 killed first
+                return 0
+            raise
+        if global_rank() == 0:
+            print(path)
+        return 0
+
     from glr import pipeline
 
     if args.cmd == "train":
-        opts = _load_config(args.config)
-        unknown = set(opts) - set(_TRAIN_OPTS) - {"exp_id"}
-        if unknown:
-            raise InputError(f"unknown option(s) {sorted(unknown)}", args.config)
-        opts.update({k: getattr(args, k) for k in _TRAIN_OPTS if getattr(args, k) is not None})
-        if "limit_train_batches" in opts and float(opts["limit_train_batches"]) >= 1:
-            opts["limit_train_batches"] = int(opts["limit_train_batches"])
-        if "devices" in opts and str(opts["devices"]).isdigit():
-            opts["devices"] = int(opts["devices"])
-        opts.setdefault("exp_id", Path(args.config).stem if args.config else None)
+        from glr.experiment import parse_experiment
+
+        opts: dict[str, Any] = {}
+        if args.config:
+            exp = parse_experiment(args.config)
+            names = [n for n, _ in exp.stages]
+            if args.config_stage is None and len(names) > 1:
+                raise InputError(f"the config has stages {names}: pass --config-stage NAME or run "
+                                 "'glr experiment'", args.config)
+            pick = args.config_stage or names[0]
+            if pick not in names:
+                raise InputError(f"no stage {pick!r}; the config has {names}", args.config)
+            opts = dict(dict(exp.stages)[pick], experiment=exp.name, stage=pick if len(names) > 1 else None)
+        opts.update({k: getattr(args, k) for k in _train_flags() if getattr(args, k, None) is not None})
         path = pipeline.train(args.data, args.out, **opts)
         print(path)
         return 0
+    if args.cmd == "experiment":
+        from glr.experiment import run_experiment
+
+        run_experiment(args.config, args.data, runs=args.runs, weights=args.weights,
+                       overrides=_overrides(args.set), do_cv=not args.no_cv,
+                       cv_recognition=not args.no_recognition, force=args.force)
+        return 0
+    if args.cmd == "ablate":
+        from glr.experiment import ablate
+
+        ablate(args.data, args.out, args.config, tables=args.tables, overrides=_overrides(args.set))
+        return 0
+    if args.cmd == "weights":
+        from glr.weights import pack, read_ensemble
+
+        artifacts = list(args.artifacts)
+        if args.ensemble:
+            artifacts += [str(m["artifact"]) for m in read_ensemble(args.ensemble, args.weights)]
+        if not artifacts:
+            raise InputError("nothing to pack: give artifacts or --ensemble FILE")
+        print(pack(artifacts, args.out, args.dataset_id, title=args.title, overwrite=args.overwrite))
+        return 0
     if args.cmd == "cv":
-        if args.descriptor == "model" and not args.model:
-            raise InputError("--model ARTIFACT is needed with --descriptor model")
         from glr.report import cv_table
 
-        result = pipeline.cv(args.data, args.out, artifact=args.model, kind=args.descriptor,
+        artifacts, member_weights = list(args.model or []), None
+        if args.ensemble:
+            from glr.weights import read_ensemble
+
+            members = read_ensemble(args.ensemble, args.weights)
+            artifacts += [str(m["artifact"]) for m in members]
+            member_weights = [1.0] * len(args.model or []) + [float(m["weight"]) for m in members]
+        if args.descriptor == "model" and not artifacts:
+            raise InputError("--model ARTIFACT (or --ensemble FILE) is needed with --descriptor model")
+        result = pipeline.cv(args.data, args.out, artifact=artifacts or None, kind=args.descriptor,
                              image_size=args.image_size, batch_size=args.batch_size,
                              num_workers=args.num_workers, recognition=not args.no_recognition,
-                             train_subset=args.train_subset)
+                             train_subset=args.train_subset, member_weights=member_weights)
         print(cv_table(result))
         return 0
     if args.cmd == "demo":

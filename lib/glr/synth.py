@@ -4,7 +4,7 @@
 (``train.csv``, ``train_clean.csv``, ``train_label_to_category.csv``, ``index.csv``,
 ``index_image_to_landmark.csv``, ``index_label_to_category.csv``, ``test.csv``,
 ``recognition_solution_v2.1.csv``, ``retrieval_solution_v2.1.csv``), the non-official
-``train_label_to_country.csv`` (``landmark_id,country,continent``) and
+``train_label_to_country.csv`` (``landmark_id,country``, ISO 3166-1 alpha-2 codes) and
 ``synth_summary.json``, with JPEGs at ``<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` (§2).
 
 What it poses, at CPU size, of the GLDv2 paper's challenges:
@@ -93,6 +93,10 @@ class Country:
     roofs: dict[str, float]  # roof shape preference
     types: dict[str, float]  # building type preference
 
+
+#: ISO 3166-1 alpha-2 code of each synthetic country (what ``train_label_to_country.csv`` holds).
+ALPHA2 = {"France": "FR", "Italy": "IT", "Russia": "RU", "Japan": "JP", "India": "IN", "Egypt": "EG",
+          "Morocco": "MA", "Mexico": "MX", "United States": "US", "Peru": "PE"}
 
 COUNTRIES: tuple[Country, ...] = (
     Country("France", "Europe", ((105, 145, 200), (205, 215, 228)), (105, 118, 92), ((218, 204, 170), (200, 190, 175)),
@@ -782,7 +786,10 @@ def _plan(seed: int, n_landmarks: int, scale: float) -> dict[str, Any]:
     n_test = max(int(round(N_TEST * scale)), 1)
     train_only = [u for u in train_u if u not in set(shared_u)] or train_u
     io_queried = io_u[: max(1, (len(io_u) + 1) // 2)]  # the other index-only ones are pure distractors
-    pools = {"shared": shared_u, "train_only": train_only, "index_only": io_queried}
+    # a quarter of the shared landmarks get no query: their labelled index images are what the
+    # "all" training set can add without touching the validation ground truth
+    shared_queried = shared_u[: len(shared_u) - max(1, len(shared_u) // 4)] or shared_u
+    pools = {"shared": shared_queried, "train_only": train_only, "index_only": io_queried}
     test = []  # (id, group, content, usage)
     for g, frac in TEST_GROUPS.items():
         k = max(TEST_GROUP_MIN[g], int(round(frac * n_test)))
@@ -856,8 +863,8 @@ def make_synthetic_gldv2(out: str | os.PathLike, seed: int = 0, n_landmarks: int
     by_tl = sorted((tl[u], u) for u in tl)
     _write_csv(out / "train_label_to_category.csv", ["landmark_id", "category"],
                [(k, CATEGORY_URL.format(u)) for k, u in by_tl])
-    _write_csv(out / "train_label_to_country.csv", ["landmark_id", "country", "continent"],
-               [(k, blueprints[u][0].name, blueprints[u][0].continent) for k, u in by_tl])
+    _write_csv(out / "train_label_to_country.csv", ["landmark_id", "country"],
+               [(k, ALPHA2[blueprints[u][0].name]) for k, u in by_tl])
     _write_csv(out / "index.csv", ["id"], [(i,) for i, _ in plan["index"]])
     _write_csv(out / "index_image_to_landmark.csv", ["id", "landmark_id"], [(i, il[u]) for i, u in plan["index"]])
     _write_csv(out / "index_label_to_category.csv", ["landmark_id", "category"],
