@@ -15,9 +15,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
-## synth → train → CV on the embedded dataset; ends with submission/submission.csv and a CV table
+## synth → two staged experiments → ensemble CV on the embedded dataset; ends with submission/ and weights/
 demo: $(STAMP)
-	$(VENV)/bin/glr demo --out submission --work runs/demo
+	$(VENV)/bin/glr demo --out submission --work runs/demo --weights weights
 
 ## the whole test suite (CI runs this through .ci/run)
 test: $(STAMP)
@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_search.py
+	$(PY) bench/bench_train_step.py
 
 clean:
 	rm -rf runs submission/*.csv submission/*.json submission/*.png

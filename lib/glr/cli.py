@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="tiny data and model (seconds; for tests)")
     d.add_argument("--epochs", type=int)
     d.add_argument("--no-baselines", action="store_true")
+    d.add_argument("--weights", help="artifacts and manifests: WEIGHTS/<experiment>/ (default WORK/weights)")
     d.add_argument("--num-workers", type=int, default=2)
     # --- glr embed (multi-GPU / multi-node export through Lightning strategies) ---
     e = sub.add_parser("embed", help="embed one split with a model artifact (any Lightning strategy); "
@@ -321,7 +322,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         pipeline.demo(data=args.data, out=args.out, work=args.work, quick=args.quick,
                       train_args={"epochs": args.epochs} if args.epochs else None,
-                      baselines=not args.no_baselines, num_workers=args.num_workers)
+                      baselines=not args.no_baselines, num_workers=args.num_workers, weights=args.weights)
         return 0
     raise AssertionError(args.cmd)
 
