@@ -141,6 +141,7 @@ def main() -> int:
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     ap.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed (CUDA)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate plain/lightning runs; report medians")
     a = ap.parse_args()
     for name in ("lightning.pytorch", "lightning.fabric"):  # "GPU available…", tips
@@ -149,6 +150,8 @@ def main() -> int:
         ap.error("--warmup and --steps must be ≥ 1")
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     net = build_net(dict(backbone=a.backbone, embedding_size=512))
     template = LandmarkModule(net, num_classes=a.num_classes)

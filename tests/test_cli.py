@@ -9,7 +9,7 @@ from glr.cli import _load_config, main
 from glr.experiment import parse_experiment
 from glr.utils import InputError
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("exp*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def _write(path, lines):

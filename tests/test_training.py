@@ -228,11 +228,15 @@ def test_stage_two_weights_and_head_rows_are_stage_one_when_lr_is_zero(root, tmp
     assert p2["head_args"]["kind"] == "subcenter_arcface"
 
 
-def test_unknown_training_option_is_refused(root, tmp_path):
+def test_unknown_training_option_and_backbone_mismatch_are_refused(root, tmp_path):
     from glr.pipeline import train
 
     with pytest.raises(InputError, match="learning_rate"):
         train(root, tmp_path / "x", learning_rate=0.1)
+    art = save_artifact(tmp_path / "r.pt", build_net(dict(backbone="test_resnet", embedding_size=8)),
+                        {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    with pytest.raises(InputError, match="holds a test_resnet network"):
+        train(root, tmp_path / "y", init_from=str(art), backbone="test_efficientnet", num_workers=0)
 
 
 # --------------------------------------------------------------------------- experiments

@@ -372,8 +372,8 @@ def read_artifact(path: str | os.PathLike, map_location: str | torch.device = "c
         raise InputError("model artifact not found", path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise InputError(f"cannot read model artifact: {e}", path) from None
+    except Exception as e:  # a truncated or foreign file: pickle, zip or torch errors alike
+        raise InputError(f"cannot read model artifact ({type(e).__name__}: {e})", path) from None
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise InputError(f"not a {ARTIFACT_FORMAT} file", path)
     return payload

@@ -57,16 +57,18 @@ DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image
 
 
 # --------------------------------------------------------------------------- train
-def _net_for_stage(init_from: str | None, opts: dict[str, Any]) -> tuple[torch.nn.Module, dict | None]:
+def _net_for_stage(init_from: str | None, opts: dict[str, Any], backbone_given: bool
+                   ) -> tuple[torch.nn.Module, dict | None]:
     """The network a stage starts from: the previous artifact's weights (its architecture
-    wins), or a new one from ``opts``. Also returns the artifact payload (None if new)."""
+    wins; a different ``backbone`` asked for explicitly is an error), or a new one from
+    ``opts``. Also returns the artifact payload (None for a new network)."""
     if not init_from:
         return build_net({k: opts[k] for k in ("backbone", "embedding_size", "gem_p", "pretrained", "drop_rate",
                                                  "last_stride", "bnneck")}), None
     payload = read_artifact(init_from)
     net = build_net(dict(payload["model_args"]))
     net.load_state_dict(payload["state_dict"])
-    if opts["backbone"] != net.model_args["backbone"] and opts.get("_backbone_set"):
+    if backbone_given and opts["backbone"] != net.model_args["backbone"]:
         raise InputError(f"init_from holds a {net.model_args['backbone']} network, the stage asks for "
                          f"{opts['backbone']}", init_from)
     return net, payload
@@ -109,7 +111,6 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
     if unknown:
         raise InputError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
     o = dict(TRAIN_DEFAULTS, **options)
-    o["_backbone_set"] = "backbone" in options
     pl.seed_everything(o["seed"], workers=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
                          pk_k=o["pk_k"], continent_probs=o["continent_probs"], clean_prob=o["clean_prob"],
                          random_erasing=o["random_erasing"], allow_val_leak=o["allow_val_leak"])
     dm.setup("fit")
-    net, prev = _net_for_stage(o["init_from"], o)
+    net, prev = _net_for_stage(o["init_from"], o, backbone_given="backbone" in options)
     net.train()
     module = LandmarkModule(net, num_classes=dm.num_classes, head=o["head"], arcface_s=o["arcface_s"],
                             arcface_m=o["arcface_m"], subcenter_k=o["subcenter_k"],
@@ -162,7 +163,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
         n_train=len(dm.train_ids), head_rows_copied=copied, init_from=o["init_from"],
         train_seconds=round(time.time() - t0, 1),
         final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))),
-        options={k: v for k, v in o.items() if not k.startswith("_") and k not in ("init_from",)},
+        options={k: v for k, v in o.items() if k != "init_from"},
     )
     path = out / "model.pt"
     if trainer.is_global_zero:

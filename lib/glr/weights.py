@@ -105,19 +105,9 @@ def read_artifact_info(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         InputError: the file is missing, unreadable or not an artifact (the message names it).
     """
-    import torch
+    from glr.model import read_artifact
 
-    from glr.model import ARTIFACT_FORMAT
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("model artifact not found", path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: pickle, zip or torch errors alike
-        raise InputError(f"cannot read model artifact ({type(e).__name__}: {e})", path) from e
-    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise InputError(f"not a {ARTIFACT_FORMAT} file", path)
+    payload = read_artifact(path)
     meta = payload.get("meta") or {}
     model_args = payload.get("model_args") or {}
     data_config = payload.get("data_config") or {}
@@ -128,7 +118,7 @@ def read_artifact_info(path: str | os.PathLike) -> dict[str, Any]:
         "stage": meta.get("stage"),
         "backbone": _first(meta.get("backbone"), model_args.get("backbone")),
         "image_size": _first(meta.get("image_size"), data_config.get("image_size")),
-        "train_set": _first(meta.get("train_set"), data_config.get("train_subset")),
+        "train_set": _first(meta.get("train_set"), data_config.get("train_set"), data_config.get("train_subset")),
         "num_classes": _first(meta.get("num_classes"), head_classes),
         "embedding_size": model_args.get("embedding_size"),
         "val_leak": meta.get("val_leak"),
