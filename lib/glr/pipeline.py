@@ -317,7 +317,7 @@ DEMO_EXPERIMENTS: list[dict[str, Any]] = [
          head="subcenter_arcface", subcenter_k=3, dynamic_margin=True, margin_a=0.3, margin_b=0.1,
          batch_size=32, lr=3e-3, backbone_lr_mult=1.0,
          stages=[dict(stage="s1", train_set="clean", image_size=80, epochs=10),
-                 dict(stage="s2", train_set="c2x", image_size=96, epochs=3, lr=5e-4, warmup_frac=0.0)]),
+                 dict(stage="s2", train_set="c2x", image_size=96, epochs=4, lr=1e-3, warmup_frac=0.0)]),
 ]
 #: ``quick`` (tests): tiny timm models, one epoch per stage.
 QUICK_EXPERIMENTS: list[dict[str, Any]] = [

@@ -33,7 +33,10 @@ def cv_table(result: dict[str, Any]) -> str:
             ({kind: {"public": …, "private": …}}).
     """
     rows = [(kind, r) for kind, r in result.get("baselines", {}).items()]
-    rows.append((result.get("descriptor", "model"), result))
+    kind = result.get("descriptor", "model")
+    if kind == "model" and result.get("ensemble"):
+        kind = f"fine-tuned ensemble ({len(result['ensemble'])} models)"
+    rows.append((kind, result))
     lines = [f"{'descriptor':38s} {'mAP@100 pub':>11s} {'mAP@100 priv':>12s} {'GAP pub':>8s} {'GAP priv':>8s}",
              "-" * 81]
     for kind, r in rows:
