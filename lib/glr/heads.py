@@ -107,6 +107,17 @@ class _MarginHead(nn.Module):
         """(B,) labels → (B,) float32 margins of each sample's target class."""
         return self.margins[labels]
 
+    def _targets(self, emb: torch.Tensor, labels: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cos (B, C), labels (B, 1), target cosines (B,), target margins (B,))``."""
+        cos = self.cosine(emb)
+        labels = labels.long().view(-1, 1)
+        return cos, labels, cos.gather(1, labels).squeeze(1), self._target_margins(labels.squeeze(1))
+
+    def _with_targets(self, cos: torch.Tensor, labels: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
+        """``s · cos`` with each row's target column replaced by ``s · phi``."""
+        return (self.s * cos).scatter(1, labels, (self.s * phi).unsqueeze(1))
+
     def _margin_range(self) -> str:
         lo, hi = self.margins.min().item(), self.margins.max().item()
         return f"m={lo:g}" if lo == hi else f"m=[{lo:.4g}, {hi:.4g}]"
@@ -152,12 +163,10 @@ class ArcFace(_MarginHead):
         Returns:
             (B, C) float32 logits.
         """
-        cos = self.cosine(emb)
         if labels is None:
-            return self.s * cos
-        labels = labels.long().view(-1, 1)
-        c = cos.gather(1, labels).squeeze(1)                       # (B,) target cosines
-        m = self._target_margins(labels.squeeze(1)).double()
+            return self.s * self.cosine(emb)
+        cos, labels, c, m = self._targets(emb, labels)
+        m = m.double()
         cos_m, sin_m = torch.cos(m).float(), torch.sin(m).float()
         sin = (1.0 - c.pow(2)).clamp(min=1e-9).sqrt()
         phi = c * cos_m - sin * sin_m                              # cos(θ + m)
@@ -167,7 +176,7 @@ class ArcFace(_MarginHead):
             th = torch.cos(math.pi - m).float()                    # beyond θ + m > π …
             mm = (torch.sin(math.pi - m) * m).float()              # … fall back to a CosFace-like form
             phi = torch.where(c > th, phi, c - mm)
-        return (self.s * cos).scatter(1, labels, (self.s * phi).unsqueeze(1))
+        return self._with_targets(cos, labels, phi)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", easy_margin=True" if self.easy_margin else "")
@@ -198,13 +207,10 @@ class CosFace(_MarginHead):
         Returns:
             (B, C) float32 logits.
         """
-        cos = self.cosine(emb)
         if labels is None:
-            return self.s * cos
-        labels = labels.long().view(-1, 1)
-        c = cos.gather(1, labels).squeeze(1)
-        phi = c - self._target_margins(labels.squeeze(1))
-        return (self.s * cos).scatter(1, labels, (self.s * phi).unsqueeze(1))
+            return self.s * self.cosine(emb)
+        cos, labels, c, m = self._targets(emb, labels)
+        return self._with_targets(cos, labels, c - m)
 
 
 # --------------------------------------------------------------------------- class statistics
