@@ -433,9 +433,10 @@ class GLDv2Root:
         if name not in TRAIN_SETS:
             raise ValueError(f"training set must be one of {TRAIN_SETS}, got {name!r}")
         pairs = read_train(self.root / "train.csv")
-        clean_ids = {i for i, _ in self._clean_pairs(pairs)}
+        clean_pairs = self._clean_pairs(pairs)
+        clean_ids = {i for i, _ in clean_pairs}
         if name == "clean":
-            rows = [(i, lm, "train", True) for i, lm in self._clean_pairs(pairs)]
+            rows = [(i, lm, "train", True) for i, lm in clean_pairs]
         elif name == "c2x":
             clean_lms = {lm for i, lm in pairs if i in clean_ids}
             rows = [(i, lm, "train", i in clean_ids) for i, lm in pairs if lm in clean_lms]
@@ -680,7 +681,6 @@ class GLDv2DataModule(pl.LightningDataModule):
         random_erasing: probability of random erasing in training (0 = off).
         allow_val_leak: let the training set keep validation queries' ground truth
             (see :meth:`GLDv2Root.training_set`).
-        train_subset: deprecated name of ``train_set``.
     """
 
     def __init__(
@@ -700,11 +700,8 @@ class GLDv2DataModule(pl.LightningDataModule):
         clean_prob: float | None = None,
         random_erasing: float = 0.0,
         allow_val_leak: bool = False,
-        train_subset: str | None = None,
     ):
         super().__init__()
-        if train_subset is not None:
-            train_set = train_subset
         if train_set not in TRAIN_SETS:
             raise ValueError(f"train_set must be one of {TRAIN_SETS}, got {train_set!r}")
         if not 0.0 <= val_fraction < 1.0:
@@ -713,7 +710,7 @@ class GLDv2DataModule(pl.LightningDataModule):
             raise ValueError("image_size, batch_size, pk_k and min_samples must be >= 1, num_workers >= 0")
         if not 0.0 <= random_erasing <= 1.0:
             raise ValueError(f"random_erasing must be a probability, got {random_erasing}")
-        self.save_hyperparameters(ignore=["train_subset"])
+        self.save_hyperparameters()
         self._gldv2: GLDv2Root | None = None
         self.training: TrainingSet | None = None
         self.label_map: dict[int, int] = {}

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,13 +42,10 @@ class Experiment:
     Attributes:
         name: experiment id (run folder and weights folder name).
         stages: per stage, ``(stage name, training options)`` with the defaults merged in.
-        source: the config file, if any.
     """
 
     name: str
     stages: list[tuple[str, dict[str, Any]]]
-    source: Path | None = None
-    base: dict[str, Any] = field(default_factory=dict)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -112,7 +109,7 @@ def parse_experiment(cfg: dict[str, Any] | str | os.PathLike, name: str | None =
         if any(sname == s for s, _ in stages):
             raise InputError(f"stage name {sname!r} is used twice", source)
         stages.append((sname, dict(cfg, **st)))
-    return Experiment(name=str(exp_name), stages=stages, source=source, base=cfg)
+    return Experiment(name=str(exp_name), stages=stages)
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
@@ -128,18 +125,21 @@ def _is_global_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def stage_line(exp: str, stage: str, opts: dict[str, Any], result: dict[str, Any] | None) -> str:
-    """One printed line: experiment, stage, training set @ size and its CV figures."""
+def stage_line(exp: str, stage: str, opts: dict[str, Any], cv: dict[str, Any] | None,
+               val_leak: bool = False) -> str:
+    """One printed line: experiment, stage, training set @ size and its CV figures.
+
+    Args:
+        cv: the compact figures of a manifest entry (``map@100/public`` …, see
+            :func:`glr.weights.manifest_entry`), or None when there was no CV.
+    """
     head = f"{exp} {stage:4s} {opts['train_set']:>5s}@{opts['image_size']:<4d} {opts['backbone']:22s}"
-    if not result or result.get("public") is None:
+    if not cv or cv.get("map@100/public") is None:
         return head + " (no solution file: no CV)"
-    pub, priv = result["public"]["map@100"], result["private"]["map@100"]
-    rec = result.get("recognition") or {}
-    gap = ""
-    if rec.get("public"):
-        gap = f"  GAP {rec['public']['gap']:.4f} / {rec['private']['gap']:.4f}"
-    leak = "  [VAL LEAK: not a valid CV]" if result.get("val_leak") else ""
-    return f"{head} mAP@100 {pub:.4f} / {priv:.4f}{gap}{leak}"
+    line = f"{head} mAP@100 {cv['map@100/public']:.4f} / {cv['map@100/private']:.4f}"
+    if cv.get("gap/public") is not None:
+        line += f"  GAP {cv['gap/public']:.4f} / {cv['gap/private']:.4f}"
+    return line + ("  [VAL LEAK: not a valid CV]" if val_leak else "")
 
 
 def run_experiment(config: dict[str, Any] | str | os.PathLike, data: str | os.PathLike,
@@ -160,7 +160,9 @@ def run_experiment(config: dict[str, Any] | str | os.PathLike, data: str | os.Pa
         name: experiment id overriding the config's.
 
     Returns:
-        Per stage: ``{"experiment", "stage", "artifact", "cv", "skipped"}``.
+        Per stage: ``{"experiment", "stage", "artifact", "cv", "skipped"}``; ``cv`` is the
+        stage's :func:`glr.pipeline.cv` result (for a skipped stage: its ``cv.json`` from the
+        run folder, if still there).
     """
     from glr import pipeline
     from glr.data import GLDv2Root
@@ -182,9 +184,10 @@ def run_experiment(config: dict[str, Any] | str | os.PathLike, data: str | os.Pa
         entry = done.get(stage)
         if not force and entry and target.is_file() and file_sha256(target) == entry.get("sha256"):
             log.info("%s %s: already trained (%s), skipping", exp.name, stage, target)
-            print(stage_line(exp.name, stage, opts, entry.get("cv_full")))
-            results.append(dict(experiment=exp.name, stage=stage, artifact=str(target), cv=entry.get("cv"),
-                                skipped=True))
+            print(stage_line(exp.name, stage, opts, entry.get("cv"), bool(entry.get("val_leak"))))
+            cv_json = Path(runs) / exp.name / stage / "cv" / "cv.json"
+            results.append(dict(experiment=exp.name, stage=stage, artifact=str(target), skipped=True,
+                                cv=json.loads(cv_json.read_text()) if cv_json.is_file() else None))
             prev = target
             continue
         run_dir = Path(runs) / exp.name / stage
@@ -199,10 +202,8 @@ def run_experiment(config: dict[str, Any] | str | os.PathLike, data: str | os.Pa
                                      num_workers=opts.get("num_workers", 2), recognition=cv_recognition,
                                      progress=progress)
             entry = manifest_entry(target, cv=result)
-            entry["cv_full"] = None if result is None else {
-                k: result.get(k) for k in ("public", "private", "recognition", "val_leak")}
             update_manifest(exp_dir, entry)
-            print(stage_line(exp.name, stage, opts, result), flush=True)
+            print(stage_line(exp.name, stage, opts, entry["cv"], bool(entry.get("val_leak"))), flush=True)
         results.append(dict(experiment=exp.name, stage=stage, artifact=str(prev), cv=result, skipped=False))
     return results
 
@@ -248,7 +249,7 @@ def ablate(data: str | os.PathLike, out: str | os.PathLike, base: dict[str, Any]
     unknown = [t for t in tables if t not in ABLATIONS]
     if unknown:
         raise InputError(f"unknown ablation table(s) {unknown}; known: {sorted(ABLATIONS)}")
-    exp = parse_experiment(base if isinstance(base, dict) else base, "ablation")
+    exp = parse_experiment(base, "ablation")
     base_opts = dict(exp.stages[0][1], **(overrides or {}))
     out = Path(out)
     cache: dict[str, dict[str, Any]] = {}

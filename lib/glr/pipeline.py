@@ -51,11 +51,6 @@ TRAIN_DEFAULTS: dict[str, Any] = dict(
     init_from=None, experiment=None, stage=None,
 )
 
-#: Defaults of the demo's fine-tuning run (CPU-sized; real runs override them).
-DEMO_TRAIN = dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, image_size=112, epochs=8,
-                  batch_size=32, lr=2e-3, backbone_lr_mult=0.5, arcface_s=30.0, arcface_m=0.2)
-
-
 # --------------------------------------------------------------------------- train
 def _net_for_stage(init_from: str | None, opts: dict[str, Any], backbone_given: bool
                    ) -> tuple[torch.nn.Module, dict | None]:
@@ -187,8 +182,9 @@ def embed_split(net: torch.nn.Module, root: GLDv2Root, split: str, ids: Sequence
 
 def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifacts: Sequence[str],
                member_weights: Sequence[float], image_size: int | None, batch_size: int, num_workers: int,
-               progress: bool) -> dict[str, np.ndarray]:
-    """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail).
+               progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail),
+    and the artifacts trained on validation ground truth (``val_leak``).
 
     With several artifacts (an ensemble) each member embeds at its own image size; the
     L2-normalised blocks are scaled by their weights, concatenated and re-normalised, so
@@ -196,15 +192,18 @@ def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifac
     """
     if kind == "thumbnail":
         return {s: thumbnail_embeddings([root.path(s, i) for i in ids], progress=progress)
-                for s, ids in splits.items()}
+                for s, ids in splits.items()}, []
     if kind == "imagenet":
         net = PooledFeatures(build_net(dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE)))
         size = image_size or 96
         return {s: embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
-                for s, ids in splits.items()}
+                for s, ids in splits.items()}, []
     blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
+    leaky = []
     for artifact, w in zip(artifacts, member_weights):
-        net, data_config, _ = load_artifact(artifact)
+        net, data_config, meta = load_artifact(artifact)
+        if meta.get("val_leak") or data_config.get("val_leak"):
+            leaky.append(str(artifact))
         size = image_size or int(data_config["image_size"])
         for s, ids in splits.items():
             e = embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
@@ -214,17 +213,7 @@ def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifac
         e = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         out[s] = np.ascontiguousarray(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12),
                                       dtype=np.float32)
-    return out
-
-
-def _artifact_leaks(artifacts: Sequence[str]) -> list[str]:
-    """The artifacts trained with ``allow_val_leak`` on validation ground truth."""
-    leaky = []
-    for a in artifacts:
-        p = read_artifact(a)
-        if p.get("meta", {}).get("val_leak") or p.get("data_config", {}).get("val_leak"):
-            leaky.append(str(a))
-    return leaky
+    return out, leaky
 
 
 # --------------------------------------------------------------------------- cv
@@ -272,7 +261,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
     if recognition:
         train_pairs = root.train_ids_labels(train_subset)
         splits["train"] = [i for i, _ in train_pairs]
-    emb = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers, progress)
+    emb, leaky = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers, progress)
     for s, ids in splits.items():
         save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
 
@@ -282,7 +271,6 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind}
     if len(artifacts) > 1:
         result["ensemble"] = [{"artifact": a, "weight": w} for a, w in zip(artifacts, weights)]
-    leaky = _artifact_leaks(artifacts)
     if leaky:
         result["val_leak"] = leaky
         log.warning("trained on this root's validation ground truth (allow_val_leak): %s; "
