@@ -119,6 +119,14 @@ def test_quick_demo_on_embedded_data(tmp_path, capsys):
         assert z["emb"].shape[1] == 1024 and np.allclose(np.linalg.norm(z["emb"], axis=1), 1, atol=1e-5)
     printed = capsys.readouterr().out
     assert printed.count("mAP@100") >= 5 and "quick_effnet s2" in printed and "ensemble (2 models" in printed
+    # the post-processing sweep: each stage's figures printed, the chosen chain wrote the submission
+    assert [r["stage"] for r in cvj["sweep"]["pipeline"]] == ["baseline", "expansion", "kreciprocal",
+                                                              "landmark_country"]
+    assert all((out / f).is_file() for f in ("sweep.md", "sweep.json", "sweep.png", "postprocess.yaml"))
+    assert "+ DBA/αQE" in printed and "+ k-reciprocal" in printed and "+ landmark–country" in printed
+    kept = [r for r in cvj["sweep"]["pipeline"] if r["kept"]]
+    for subset in ("public", "private"):
+        assert cvj[subset]["map@100"] == pytest.approx(kept[-1]["scores"][subset]["map@100"], abs=1e-12)
 
 
 def test_demo_on_a_root_made_elsewhere(tmp_path):
@@ -188,3 +196,34 @@ def test_train_with_validation_split_and_stage_two(tmp_path):
     assert dc2["image_size"] == 40 and meta2["init_from"] == str(a1) and dc2["train_set"] == "full"
     w1, w2 = net1.backbone.state_dict(), net2.backbone.state_dict()
     assert all(torch.equal(w1[k], w2[k]) for k in w1 if "running" not in k and "num_batches" not in k)
+
+
+def test_cv_sweep_then_apply_the_chosen_chain_to_reused_embeddings(tmp_path, capsys):
+    data = _foreign_root(tmp_path / "root", n_landmarks=6)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("expansion:\n  - {form: joint, k: [2, 3], alpha: 3.0}\n"
+                    "kreciprocal:\n  - {k1: [3, 6], k2: 1, lambda: 0.3}\n"
+                    "landmark_country:\n  - {alpha: 1.0, beta: 0.0, k: 3}\nshortlist: 18\n")
+    o1, o2, o3 = tmp_path / "o1", tmp_path / "o2", tmp_path / "o3"
+    assert main(["cv", "--data", str(data), "--descriptor", "thumbnail", "--out", str(o1), "--num-workers", "0",
+                 "--sweep", str(grid)]) == 0
+    printed = capsys.readouterr().out
+    assert "+ k-reciprocal" in printed and (o1 / "postprocess.yaml").is_file()
+    first = _check_outputs(o1, data)
+    # the chosen chain on the reused embeddings writes the same submission, with no embedding at all
+    assert main(["cv", "--data", str(data), "--embeddings", str(o1), "--post", str(o1 / "postprocess.yaml"),
+                 "--out", str(o2), "--num-workers", "0"]) == 0
+    assert (o2 / "submission.csv").read_text() == (o1 / "submission.csv").read_text()
+    assert _check_outputs(o2, data)["public"] == first["public"]
+    # the seed's 2021 protocol: queries with ground truth against a given index list + ground truth
+    index_ids = [r[0] for r in list(csv.reader(open(data / "index.csv")))[1:]]
+    _write_csv(tmp_path / "list.csv", ["id"], [(i,) for i in index_ids[:2]])
+    assert main(["cv", "--data", str(data), "--embeddings", str(o1), "--protocol", "2021", "--index-list",
+                 str(tmp_path / "list.csv"), "--out", str(o3), "--num-workers", "0", "--no-recognition"]) == 0
+    cvj = json.loads((o3 / "cv.json").read_text())
+    assert cvj["all"]["n_queries"] == 12 and 0 < cvj["all"]["map@100"] <= 1
+    assert "protocol 2021" in capsys.readouterr().out
+    # embeddings of other ids are refused with the file named
+    assert main(["cv", "--data", str(_foreign_root(tmp_path / "other", n_landmarks=2, seed=5)),
+                 "--embeddings", str(o1), "--out", str(tmp_path / "o4"), "--num-workers", "0"]) == 2
+    assert "emb_test.npz" in capsys.readouterr().err

@@ -70,3 +70,34 @@ def test_embedding_file_round_trip(tmp_path):
     with pytest.raises(ValueError, match="2 ids for 1"):
         save_embeddings(tmp_path / "f.npz", ids, emb[:1])
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_flip_tta_averages_the_mirrored_view():
+    torch.manual_seed(0)
+    net = EmbeddingNet("test_resnet", embedding_size=16).eval()
+    x = torch.randn(5, 3, 40, 40)
+    emb = extract_embeddings(net, DataLoader(_Tensors(x), batch_size=2), device="cpu", progress=False, flip=True)
+    with torch.no_grad():
+        a = torch.nn.functional.normalize(net(x), dim=1)
+        b = torch.nn.functional.normalize(net(torch.flip(x, dims=[3])), dim=1)
+    expected = torch.nn.functional.normalize(a + b, dim=1).numpy()
+    np.testing.assert_allclose(emb, expected, atol=1e-5)
+    assert not np.allclose(emb, a.numpy(), atol=1e-3)  # the flip really changed something
+
+
+def test_multiscale_tta_embeds_each_scale(tmp_path):
+    from glr.pipeline import embed_split
+    from glr.synth import make_synthetic_gldv2
+    from glr.data import GLDv2Root
+
+    make_synthetic_gldv2(tmp_path / "d", n_landmarks=4, scale=0.05, image_size=32, seed=0, progress=False)
+    root = GLDv2Root.open(tmp_path / "d")
+    ids = root.index_ids()[:3]
+    torch.manual_seed(0)
+    net = EmbeddingNet("test_resnet", embedding_size=8).eval()
+    one = {s: embed_split(net, root, "index", ids, s, num_workers=0, progress=False) for s in (23, 32, 45)}
+    multi = embed_split(net, root, "index", ids, 32, num_workers=0, progress=False, scales=(0.707, 1.0, 1.414))
+    mean = one[23] + one[32] + one[45]
+    np.testing.assert_allclose(multi, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
+    with pytest.raises(ValueError, match="scales"):
+        embed_split(net, root, "index", ids, 32, num_workers=0, progress=False, scales=(0.0,))

@@ -172,7 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-workers", type=int, default=2)
     c.add_argument("--no-recognition", action="store_true", help="skip the train-set embedding and GAP")
     c.add_argument("--train-subset", choices=["clean", "full"], default="clean",
-                   help="train images voting for recognition")
+                   help="train images voting for recognition and tagging images for re-ranking")
+    c.add_argument("--post", metavar="YAML", help="post-processing config to apply (see glr.postprocess.steps)")
+    c.add_argument("--sweep", metavar="GRID", help="sweep grid YAML: score every post-processing setting "
+                   "(graphs cached), tune on Public, report Private; 'default' = the demo's grid")
+    c.add_argument("--protocol", choices=["v2.1", "2021"], default="v2.1",
+                   help="v2.1: Public/Private; 2021: the seed's (queries with ground truth vs --index-list "
+                        "expanded with every ground-truth image)")
+    c.add_argument("--index-list", help="CSV with an id column: the index for --protocol 2021")
+    c.add_argument("--embeddings", metavar="DIR", help="reuse emb_<split>.npz of an earlier cv run in DIR")
+    c.add_argument("--tta-flip", action="store_true", help="TTA: average with the mirrored image")
+    c.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="TTA scales, e.g. 0.707 1 1.414")
+    c.add_argument("--ensemble-mode", choices=["concat", "sum"], default="concat",
+                   help="concat: Σw²cos/Σw² (normalised concatenation); sum: the seed's Σw·cos/Σw")
+    c.add_argument("--distractors", help="npz embeddings of out-of-domain images (non-landmark penalty)")
+    c.add_argument("--cache-dir", help="kNN graph cache of the sweep (default OUT/graph_cache)")
 
     sc = sub.add_parser("score", help="official GLDv2 metrics of a submission file")
     sc.add_argument("--task", choices=["retrieval", "recognition"], required=True)
@@ -311,12 +325,20 @@ def _run(args: argparse.Namespace) -> int:
             members = read_ensemble(args.ensemble, args.weights)
             artifacts += [str(m["artifact"]) for m in members]
             member_weights = [1.0] * len(args.model or []) + [float(m["weight"]) for m in members]
-        if args.descriptor == "model" and not artifacts:
-            raise InputError("--model ARTIFACT (or --ensemble FILE) is needed with --descriptor model")
+        if args.descriptor == "model" and not artifacts and not args.embeddings:
+            raise InputError("--model ARTIFACT (or --ensemble FILE, or --embeddings DIR) is needed "
+                             "with --descriptor model")
+        from glr.sweep import DEFAULT_GRID
+
+        sweep = DEFAULT_GRID if args.sweep == "default" else args.sweep
         result = pipeline.cv(args.data, args.out, artifact=artifacts or None, kind=args.descriptor,
                              image_size=args.image_size, batch_size=args.batch_size,
                              num_workers=args.num_workers, recognition=not args.no_recognition,
-                             train_subset=args.train_subset, member_weights=member_weights)
+                             train_subset=args.train_subset, member_weights=member_weights, post=args.post,
+                             sweep=sweep, protocol=args.protocol, index_list=args.index_list,
+                             embeddings=args.embeddings, tta_flip=args.tta_flip, tta_scales=args.tta_scales,
+                             ensemble_mode=args.ensemble_mode, distractors=args.distractors,
+                             cache_dir=args.cache_dir)
         print(cv_table(result))
         return 0
     if args.cmd == "demo":

@@ -50,7 +50,8 @@ class PooledFeatures(nn.Module):
 
 @torch.no_grad()
 def extract_embeddings(net: nn.Module, loader: DataLoader, device: torch.device | str | None = None,
-                       amp: bool | None = None, progress: bool = True, desc: str = "embed") -> np.ndarray:
+                       amp: bool | None = None, progress: bool = True, desc: str = "embed",
+                       flip: bool = False) -> np.ndarray:
     """Run ``net`` over every batch of ``loader`` in order.
 
     Args:
@@ -60,6 +61,8 @@ def extract_embeddings(net: nn.Module, loader: DataLoader, device: torch.device 
         amp: fp16 autocast; defaults to True on CUDA, False on CPU.
         progress: show a tqdm bar.
         desc: the bar's label.
+        flip: test-time augmentation: also embed the horizontally flipped batch; the two
+            L2-normalised descriptors are averaged, then re-normalised.
 
     Returns:
         (N, D) float32 C-contiguous array, rows L2-normalised, in loader order.
@@ -72,8 +75,10 @@ def extract_embeddings(net: nn.Module, loader: DataLoader, device: torch.device 
     for batch in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
         images = batch["image"].to(device, non_blocking=True)
         with ctx:
-            emb = net(images)
-        out.append(F.normalize(emb.float(), dim=1).cpu().numpy())
+            emb = F.normalize(net(images).float(), dim=1)
+            if flip:
+                emb = F.normalize(emb + F.normalize(net(torch.flip(images, dims=[3])).float(), dim=1), dim=1)
+        out.append(emb.cpu().numpy())
     if not out:
         return np.zeros((0, 0), np.float32)
     return np.ascontiguousarray(np.concatenate(out), dtype=np.float32)

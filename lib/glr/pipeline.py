@@ -18,8 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from glr import metrics
-from glr.data import GLDv2DataModule, GLDv2Root, ImageDataset, make_transforms
-from glr.embeddings import PooledFeatures, extract_embeddings, save_embeddings, thumbnail_embeddings
+from glr.data import GLDv2DataModule, GLDv2Root, ImageDataset, make_transforms, read_ids
+from glr.embeddings import (PooledFeatures, extract_embeddings, load_embeddings, save_embeddings,
+                            thumbnail_embeddings)
+from glr.postprocess.expansion import combine_embeddings, l2_normalize
+from glr.postprocess.steps import Context
 from glr.model import LITE0_PACKAGE, LandmarkModule, build_net, load_artifact, read_artifact, save_artifact
 from glr.search import knn
 from glr.submission import (recognition_predictions, recognition_rows, retrieval_rows,
@@ -172,48 +175,93 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
 # --------------------------------------------------------------------------- embed
 def embed_split(net: torch.nn.Module, root: GLDv2Root, split: str, ids: Sequence[str], image_size: int,
                 batch_size: int = 64, num_workers: int = 2, device: str | None = None,
-                progress: bool = True) -> np.ndarray:
-    """Embed images ``ids`` of ``split`` with ``net`` at ``image_size``; (N, D) float32."""
-    ds = ImageDataset(root.root, split, list(ids), transform=make_transforms(image_size, train=False))
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available())
-    return extract_embeddings(net, loader, device=device, progress=progress, desc=f"embed {split}")
+                progress: bool = True, flip: bool = False, scales: Sequence[float] = (1.0,)) -> np.ndarray:
+    """Embed images ``ids`` of ``split`` with ``net`` at ``image_size``; (N, D) float32.
+
+    Test-time augmentation: ``flip`` adds the mirrored image; ``scales`` (e.g. 0.707, 1,
+    1.414) embeds at ``round(image_size · s)`` each. Every view's descriptor is
+    L2-normalised; the flips are averaged per scale, the scales averaged, each average
+    re-normalised.
+    """
+    scales = [float(s) for s in scales] or [1.0]
+    if any(s <= 0 for s in scales):
+        raise ValueError(f"TTA scales must be > 0, got {scales}")
+    views = []
+    for s in scales:
+        size = max(8, int(round(image_size * s)))
+        ds = ImageDataset(root.root, split, list(ids), transform=make_transforms(size, train=False))
+        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            pin_memory=torch.cuda.is_available())
+        desc = f"embed {split}" + (f" @{size}" if len(scales) > 1 else "")
+        views.append(extract_embeddings(net, loader, device=device, progress=progress, desc=desc, flip=flip))
+    if len(views) == 1:
+        return views[0]
+    return l2_normalize(np.mean(views, axis=0))
 
 
 def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifacts: Sequence[str],
                member_weights: Sequence[float], image_size: int | None, batch_size: int, num_workers: int,
-               progress: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+               progress: bool, tta_flip: bool = False, tta_scales: Sequence[float] = (1.0,),
+               ensemble_mode: str = "concat") -> tuple[dict[str, np.ndarray], list[str]]:
     """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail),
     and the artifacts trained on validation ground truth (``val_leak``).
 
-    With several artifacts (an ensemble) each member embeds at its own image size; the
-    L2-normalised blocks are scaled by their weights, concatenated and re-normalised, so
-    the ensemble cosine is ``Σ w_i² cos_i / Σ w_i²``.
+    With several artifacts (an ensemble) each member embeds at its own image size and the
+    blocks are combined by :func:`glr.postprocess.expansion.combine_embeddings`
+    (``concat``: cosine ``Σ w_i² cos_i / Σ w_i²``; ``sum``: ``Σ w_i cos_i / Σ w_i``).
     """
     if kind == "thumbnail":
         return {s: thumbnail_embeddings([root.path(s, i) for i in ids], progress=progress)
                 for s, ids in splits.items()}, []
+    tta = dict(flip=tta_flip, scales=tuple(tta_scales))
     if kind == "imagenet":
         net = PooledFeatures(build_net(dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE)))
         size = image_size or 96
-        return {s: embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
+        return {s: embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress, **tta)
                 for s, ids in splits.items()}, []
     blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
     leaky = []
-    for artifact, w in zip(artifacts, member_weights):
+    for artifact in artifacts:
         net, data_config, meta = load_artifact(artifact)
         if meta.get("val_leak") or data_config.get("val_leak"):
             leaky.append(str(artifact))
         size = image_size or int(data_config["image_size"])
         for s, ids in splits.items():
-            e = embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress)
-            blocks[s].append(w * e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
+            blocks[s].append(embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress, **tta))
+    return {s: combine_embeddings(parts, member_weights, mode=ensemble_mode) for s, parts in blocks.items()}, leaky
+
+
+def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """``emb_<split>.npz`` of an earlier run, checked to hold exactly the ids wanted, in order."""
     out = {}
-    for s, parts in blocks.items():
-        e = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-        out[s] = np.ascontiguousarray(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12),
-                                      dtype=np.float32)
-    return out, leaky
+    for s, ids in splits.items():
+        path = folder / f"emb_{s}.npz"
+        if not path.is_file():
+            raise InputError(f"no embeddings of split {s!r} here (run glr cv without --embeddings first)", path)
+        got_ids, e = load_embeddings(path)
+        if got_ids != list(ids):
+            missing = next((i for i in ids if i not in set(got_ids)), None)
+            raise InputError(f"the ids differ from the {len(ids)} {s} images wanted"
+                             + (f" (e.g. {missing!r} is missing)" if missing else " (order)"), path)
+        out[s] = e
+    return out
+
+
+def _postprocess_context(root: GLDv2Root, emb: dict[str, np.ndarray], train_pairs: list[tuple[str, int]],
+                         splits: dict[str, list[str]], distractors: str | os.PathLike | None) -> Context:
+    """The re-rankers' inputs: train descriptors and landmark / country labels, distractors, paths."""
+    from glr.postprocess.labels import encode_labels  # noqa: PLC0415
+
+    ctx = Context(q_paths=[str(root.path("test", i)) for i in splits["test"]],
+                  db_paths=[str(root.path("index", i)) for i in splits["index"]])
+    if "train" in emb:
+        lm = np.array([l for _, l in train_pairs], np.int64)
+        countries = root.country_of() or {}
+        codes, _ = encode_labels([countries.get(int(l)) for l in lm])
+        ctx.train, ctx.train_landmarks, ctx.train_countries = emb["train"], lm, codes
+    if distractors is not None:
+        _, ctx.distractors = load_embeddings(distractors)
+    return ctx
 
 
 # --------------------------------------------------------------------------- cv
@@ -221,73 +269,140 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
        kind: str = "model", image_size: int | None = None, batch_size: int = 64, num_workers: int = 2,
        k: int = 100, recognition: bool = True, train_subset: str = "clean",
        member_weights: Sequence[float] | None = None, extra: dict[str, Any] | None = None,
-       progress: bool = True) -> dict[str, Any]:
-    """Embed → search → submissions → score on a GLDv2-format root.
+       progress: bool = True, post: str | os.PathLike | dict | None = None,
+       sweep: str | os.PathLike | dict | None = None, protocol: str = "v2.1",
+       index_list: str | os.PathLike | None = None, embeddings: str | os.PathLike | None = None,
+       tta_flip: bool = False, tta_scales: Sequence[float] = (1.0,), ensemble_mode: str = "concat",
+       distractors: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Embed → search → post-process → submissions → score on a GLDv2-format root.
 
     Args:
         data: the root.
         out: folder receiving ``submission.csv`` (retrieval), ``submission_recognition.csv``,
-            the embeddings (``emb_<split>.npz``) and ``cv.json``.
-        artifact: model artifact, or several (an ensemble: concatenated descriptors) for
-            ``kind="model"``.
+            the embeddings (``emb_<split>.npz``), ``cv.json`` and, with ``sweep``, the
+            sweep's ``sweep.{json,md,png}`` and the chosen ``postprocess.yaml``.
+        artifact: model artifact, or several (an ensemble) for ``kind="model"``.
         kind: ``model`` (the artifact(s)), ``imagenet`` (lite0 ImageNet weights, GeM, no
             training) or ``thumbnail`` (16×16 colour thumbnails).
         k: retrieval list length (≤ 100 are written).
         recognition: also predict landmarks by the top-5 cosine-sum vote over the train
             images (needs their embeddings; set False to skip on a big root).
-        train_subset: the recognition database, "clean" or "full" (see ``GLDv2Root.train_ids_labels``).
+        train_subset: the recognition and tagging database, "clean" or "full" (see
+            ``GLDv2Root.train_ids_labels``).
         member_weights: weight of each artifact's block in the ensemble (default 1 each).
         extra: entries added to ``cv.json`` (the demo's baselines).
+        post: a post-processing config (dict or YAML file, see
+            :mod:`glr.postprocess.steps`) applied before the submission is written.
+        sweep: a sweep grid (dict or YAML file, see :mod:`glr.sweep`): every setting is
+            scored, and the chosen config is then applied (``post`` is the starting point).
+        protocol: ``"v2.1"`` (Public / Private) or ``"2021"`` (the seed's: queries with
+            ground truth against ``index_list`` expanded with every ground-truth image,
+            scored as one set ``all``).
+        index_list: file of index ids, one per line (``id`` header allowed), for ``2021``.
+        embeddings: folder of an earlier run's ``emb_<split>.npz`` to reuse instead of embedding.
+        tta_flip, tta_scales: test-time augmentation (see :func:`embed_split`).
+        ensemble_mode: ``concat`` or ``sum`` (see :func:`combine_embeddings`).
+        distractors: ``.npz`` embeddings (``save_embeddings`` format) of out-of-domain images
+            for the non-landmark penalty.
+        cache_dir: where the sweep stores its kNN graphs (default ``out/graph_cache``).
 
     Returns:
         ``{"task": "retrieval", "public": …, "private": …, "recognition": {...}}`` as in
-        :func:`glr.metrics.score`; figures are absent (``None``) when the root has no
-        solution file. ``val_leak`` lists artifacts trained on this root's validation
-        ground truth (their figures are not a valid CV).
+        :func:`glr.metrics.score` (protocol 2021: ``"all"``), plus ``postprocess`` (the
+        config applied) and ``sweep`` (its pipeline table). Figures are ``None`` when the
+        root has no solution file. ``val_leak`` lists artifacts trained on this root's
+        validation ground truth (their figures are not a valid CV).
     """
+    from glr.postprocess.steps import GraphCache, normalize_config, read_config, retrieve, write_config  # noqa
+    from glr.sweep import RetrievalScorer, protocol_2021_ids, read_grid, run_sweep, sweep_table, write_sweep
+
     root = GLDv2Root.open(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = [] if artifact is None else [str(artifact)] if isinstance(artifact, (str, os.PathLike)) \
         else [str(a) for a in artifact]
-    if kind == "model" and not artifacts:
-        raise InputError("cv with descriptor 'model' needs at least one artifact")
+    if kind == "model" and not artifacts and embeddings is None:
+        raise InputError("cv with descriptor 'model' needs at least one artifact (or --embeddings)")
     weights = [1.0] * len(artifacts) if member_weights is None else [float(w) for w in member_weights]
     if len(weights) != len(artifacts):
         raise ValueError(f"{len(artifacts)} artifacts but {len(weights)} member weights")
+    config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
+    grid = read_grid(sweep) if isinstance(sweep, (str, os.PathLike)) else sweep
+    if grid is not None:
+        config["shortlist"], config["k"] = grid.get("shortlist", config["shortlist"]), k
+    config["k"] = k
+    sol = root.solution_path("retrieval")
     test_ids, index_ids = root.test_ids(), root.index_ids()
+    if protocol == "2021":
+        if sol is None:
+            raise InputError("protocol 2021 needs the retrieval solution file", root.root)
+        wanted = None if index_list is None else [i for i in read_ids(index_list)]
+        test_ids, index_ids = protocol_2021_ids(sol, test_ids, index_ids, wanted)
+        log.info("protocol 2021: %d queries with ground truth, %d index images", len(test_ids), len(index_ids))
+    elif protocol != "v2.1":
+        raise InputError(f"protocol must be 'v2.1' or '2021', got {protocol!r}")
     splits = {"test": test_ids, "index": index_ids}
+    needs_train = recognition or any(config.get(s) for s in ("landmark_country", "train_label")) or \
+        bool(grid and any(s in grid for s in ("landmark_country", "train_label")))
     train_pairs: list[tuple[str, int]] = []
-    if recognition:
+    if needs_train:
         train_pairs = root.train_ids_labels(train_subset)
         splits["train"] = [i for i, _ in train_pairs]
-    emb, leaky = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers, progress)
-    for s, ids in splits.items():
-        save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
+    leaky: list[str] = []
+    if embeddings is not None:
+        emb = _load_split_embeddings(Path(embeddings), splits)
+    else:
+        emb, leaky = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers,
+                                progress, tta_flip, tta_scales, ensemble_mode)
+        for s, ids in splits.items():
+            save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
 
-    _, I = knn(emb["test"], emb["index"], k)
+    ctx = _postprocess_context(root, emb, train_pairs, splits, distractors)
+    cache = GraphCache(folder=cache_dir if cache_dir is not None else (out / "graph_cache" if grid else None),
+                       progress=progress)
+    result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind,
+                              "protocol": protocol}
+    if grid is not None:
+        if sol is None:
+            raise InputError("a sweep needs the retrieval solution file", root.root)
+        scorer = RetrievalScorer(sol, test_ids, index_ids, protocol)
+        swept = run_sweep(emb["test"], emb["index"], scorer, {**grid, "k": k, "shortlist": config["shortlist"]},
+                          ctx=ctx, cache=cache, progress=progress)
+        write_sweep(swept, out)
+        config = swept["config"]
+        result["sweep"] = {"pipeline": swept["pipeline"], "cache": swept["cache"], "seconds": swept["seconds"]}
+        print(sweep_table(swept))
+    elif any(config.get(s) for s in config if s not in ("k", "shortlist")):
+        write_config(out / "postprocess.yaml", config, comment="post-processing applied by glr cv")
+    _, I, info = retrieve(emb["test"], emb["index"], config, ctx=ctx, cache=cache, progress=progress)
+    result["postprocess"] = config
+    if info.get("spatial"):
+        result["spatial"] = info["spatial"]
     sub = write_submission(out / "submission.csv", retrieval_rows(test_ids, index_ids, I), "retrieval",
                            expected_ids=test_ids, index_ids=set(index_ids))
-    result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind}
     if len(artifacts) > 1:
         result["ensemble"] = [{"artifact": a, "weight": w} for a, w in zip(artifacts, weights)]
+        result["ensemble_mode"] = ensemble_mode
     if leaky:
         result["val_leak"] = leaky
         log.warning("trained on this root's validation ground truth (allow_val_leak): %s; "
                     "the CV figures are not valid", ", ".join(leaky))
-    sol = root.solution_path("retrieval")
     if sol is not None:
-        result.update(metrics.score("retrieval", sol, sub))
+        if protocol == "2021":
+            result["all"] = RetrievalScorer(sol, test_ids, index_ids, "2021")(I)["all"]
+        else:
+            result.update(metrics.score("retrieval", sol, sub))
     if recognition:
-        St, It = knn(emb["test"], emb["train"], 5)
-        labels, scores = recognition_predictions(St, It, np.array([l for _, l in train_pairs]), top_k=5)
+        St, It = cache.knn(emb["test"], emb["train"], 5)
+        labels, scores = recognition_predictions(St, It, ctx.train_landmarks, top_k=5)
         rsub = write_submission(out / "submission_recognition.csv", recognition_rows(test_ids, labels, scores),
                                 "recognition", expected_ids=test_ids)
         rsol = root.solution_path("recognition")
-        result["recognition"] = metrics.score("recognition", rsol, rsub) if rsol is not None else None
+        result["recognition"] = (metrics.score("recognition", rsol, rsub)
+                                 if rsol is not None and protocol == "v2.1" else None)
     result.update(extra or {})
     with atomic_write(out / "cv.json") as f:
-        json.dump(result, f, indent=2)
+        json.dump(result, f, indent=2, default=str)
     return result
 
 
@@ -323,8 +438,9 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
          work: str | os.PathLike = "runs/demo", quick: bool = False, train_args: dict | None = None,
          baselines: bool = True, num_workers: int = 2, progress: bool = True,
          synth_args: dict | None = None, experiments: Sequence[dict[str, Any]] | None = None,
-         weights: str | os.PathLike | None = None) -> dict[str, Any]:
-    """synth (unless ``data``) → two staged experiments → ensemble CV, plus two reference descriptors.
+         weights: str | os.PathLike | None = None, sweep: dict[str, Any] | None | bool = True) -> dict[str, Any]:
+    """synth (unless ``data``) → two staged experiments → ensemble CV with the post-processing
+    sweep, plus two reference descriptors.
 
     Prints the CV after every stage and a table of every stage, the ensemble and the
     baselines at the end.
@@ -339,6 +455,8 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         train_args: options applied to every stage (e.g. ``{"epochs": 1}``).
         experiments: experiment configs (default :data:`DEMO_EXPERIMENTS`).
         weights: weights folder (default ``work/weights``).
+        sweep: the post-processing grid swept on the ensemble's CV (True: :data:`glr.sweep.DEFAULT_GRID`;
+            None/False: plain kNN); the chosen chain writes the submission and ``postprocess.yaml``.
 
     Returns:
         The ensemble's cv.json content.
@@ -378,7 +496,10 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         f.write("# the demo's ensemble: final artifact of each experiment, equal weights\nmembers:\n")
         f.writelines(f"  - artifact: {Path(a).resolve()}\n" for a in finals)
     stage_rows = [{k: r[k] for k in ("name", "train_set", "image_size")} | {"cv": _brief(r["cv"])} for r in rows]
-    result = cv(data, out, artifact=finals, num_workers=num_workers, progress=progress,
+    from glr.sweep import DEFAULT_GRID, sweep_table
+
+    grid = DEFAULT_GRID if sweep is True else (sweep or None)
+    result = cv(data, out, artifact=finals, num_workers=num_workers, progress=progress, sweep=grid,
                 extra={"baselines": figures, "artifacts": finals, "stages": stage_rows})
     root = GLDv2Root.open(data)
     if root.solution_path("retrieval") is not None:
@@ -386,11 +507,17 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
             draw_retrievals(root, out, out / "retrievals.png")
         except Exception as e:  # a picture must never fail the run
             log.warning("could not draw retrievals: %s", e)
-    rows.append(dict(name=f"ensemble ({len(finals)} models, concat)", cv=result))
+    chosen = [k for k, v in (result.get("postprocess") or {}).items() if k not in ("k", "shortlist") and v]
+    rows.append(dict(name=f"ensemble ({len(finals)} models, concat" + (f" + {', '.join(chosen)}" if chosen else "")
+                     + ")", cv=result))
     print()
     print(stages_table(rows))
     print()
     print(cv_table(result))
+    if result.get("sweep"):
+        print()
+        print("post-processing of the ensemble (tuned on Public, chosen chain in postprocess.yaml):")
+        print(sweep_table({"protocol": result.get("protocol", "v2.1"), "pipeline": result["sweep"]["pipeline"]}))
     return result
 
 

@@ -44,6 +44,13 @@ def cv_table(result: dict[str, Any]) -> str:
         lines.append(f"{_NAMES.get(kind, kind):38s} {_fmt(_get(r.get('public'), 'map@100')):>11s} "
                      f"{_fmt(_get(r.get('private'), 'map@100')):>12s} {_fmt(_get(rec.get('public'), 'gap')):>8s} "
                      f"{_fmt(_get(rec.get('private'), 'gap')):>8s}")
+    if result.get("all"):
+        lines.append(f"protocol 2021 (every query with ground truth, {result['all']['n_queries']}): "
+                     f"mAP@100 {_fmt(result['all']['map@100'])}")
+    post = result.get("postprocess") or {}
+    steps = [s for s, v in post.items() if s not in ("k", "shortlist") and v]
+    if steps:
+        lines.append("post-processing: " + ", ".join(steps))
     if result.get("val_leak"):
         lines.append("WARNING: trained on this root's validation ground truth (allow_val_leak): "
                      "these figures are not a valid CV")
