@@ -232,18 +232,19 @@ def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifac
 
 
 def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[str, np.ndarray]:
-    """``emb_<split>.npz`` of an earlier run, checked to hold exactly the ids wanted, in order."""
+    """The rows of ``ids`` (in that order) from ``emb_<split>.npz`` of an earlier run."""
     out = {}
     for s, ids in splits.items():
         path = folder / f"emb_{s}.npz"
         if not path.is_file():
             raise InputError(f"no embeddings of split {s!r} here (run glr cv without --embeddings first)", path)
         got_ids, e = load_embeddings(path)
-        if got_ids != list(ids):
-            missing = next((i for i in ids if i not in set(got_ids)), None)
-            raise InputError(f"the ids differ from the {len(ids)} {s} images wanted"
-                             + (f" (e.g. {missing!r} is missing)" if missing else " (order)"), path)
-        out[s] = e
+        row = {i: r for r, i in enumerate(got_ids)}
+        missing = [i for i in ids if i not in row]
+        if missing:
+            raise InputError(f"{len(missing)} of the {len(ids)} {s} images wanted have no embedding here "
+                             f"(e.g. {missing[0]!r})", path)
+        out[s] = np.ascontiguousarray(e[[row[i] for i in ids]])
     return out
 
 
