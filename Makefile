@@ -30,6 +30,8 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_postprocess.py
+	$(PY) bench/bench_kreciprocal.py
 
 clean:
 	rm -rf runs submission/*.csv submission/*.json submission/*.png

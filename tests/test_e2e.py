@@ -121,7 +121,7 @@ def test_quick_demo_on_embedded_data(tmp_path, capsys):
     assert printed.count("mAP@100") >= 5 and "quick_effnet s2" in printed and "ensemble (2 models" in printed
     # the post-processing sweep: each stage's figures printed, the chosen chain wrote the submission
     assert [r["stage"] for r in cvj["sweep"]["pipeline"]] == ["baseline", "expansion", "kreciprocal",
-                                                              "landmark_country"]
+                                                              "landmark_country", "train_label", "spatial"]
     assert all((out / f).is_file() for f in ("sweep.md", "sweep.json", "sweep.png", "postprocess.yaml"))
     assert "+ DBA/αQE" in printed and "+ k-reciprocal" in printed and "+ landmark–country" in printed
     kept = [r for r in cvj["sweep"]["pipeline"] if r["kept"]]

@@ -182,3 +182,15 @@ def test_sweep_reuses_cached_graphs(sweep_inputs, tmp_path):
                       progress=False)
     assert again["cache"]["searches"] == 0 and again["cache"]["hits"] > 0
     assert again["pipeline"] == first["pipeline"]
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    from glr.sweep import read_grid
+
+    here = Path(__file__).resolve().parents[1] / "configs" / "postprocess"
+    grid = parse_grid(read_grid(here / "sweep_gldv2.yaml"))
+    assert len(grid["kreciprocal"]) == 18 and len(grid["expansion"]) == 8 + 9
+    seed = read_config(here / "seed_2021.yaml")
+    assert seed["kreciprocal"] == {"k1": 10, "k2": 3, "lambda": 0.3} and seed["expansion"] is None

@@ -509,8 +509,8 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         except Exception as e:  # a picture must never fail the run
             log.warning("could not draw retrievals: %s", e)
     chosen = [k for k, v in (result.get("postprocess") or {}).items() if k not in ("k", "shortlist") and v]
-    rows.append(dict(name=f"ensemble ({len(finals)} models, concat" + (f" + {', '.join(chosen)}" if chosen else "")
-                     + ")", cv=result))
+    rows.append(dict(name=f"ensemble ({len(finals)} models)" + (" + post-processing" if chosen else ""),
+                     cv=result))
     print()
     print(stages_table(rows))
     print()

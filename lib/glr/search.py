@@ -138,10 +138,10 @@ def _validate(q: Any, db: Any, k: Any) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
-    return [(a, min(a + size, n)) for a in range(0, n, size)]
+    return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
 
 
-def _progress(total: int, enabled: bool, desc: str):
+def _progress(total: int, enabled: bool, desc: str, unit: str = "chunk"):
     if not enabled:
         return None
     try:
@@ -149,7 +149,7 @@ def _progress(total: int, enabled: bool, desc: str):
     except ImportError:
         log.warning("progress=True but tqdm is not installed; no progress bar")
         return None
-    return tqdm(total=total, desc=desc, unit="chunk")
+    return tqdm(total=total, desc=desc, unit=unit)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -53,6 +53,8 @@ DEFAULT_GRID: dict[str, list[dict[str, Any]]] = {
                   {"form": "classic", "qe_n": [1, 2], "dba_n": [3, 10], "alpha": 3.0}],
     "kreciprocal": [{"k1": [10, 20], "k2": [3, 6], "lambda": [0.3, 0.6]}],
     "landmark_country": [{"alpha": [0.5, 1.0], "beta": [0.0, 0.1], "k": [3, 5]}],
+    "train_label": [{"insert": [False, True], "k": 5}],
+    "spatial": [{"top_n": 10, "time_budget_s": 1.0, "max_side": 256}],
 }
 PROTOCOLS = ("v2.1", "2021")
 
@@ -260,7 +262,7 @@ def _prewarm(step: str, cands: Sequence[Mapping[str, Any]], best_cfg: Mapping[st
             cache.knn(db, db, max(dba))
     elif step == "kreciprocal":
         q2, db2 = expand_features(q, db, best_cfg, cache)
-        cache.joint(np.concatenate([q2, db2]), max(c["k1"] for c in full) + 1)
+        cache.joint(np.concatenate([q2, db2]), max(max(c["k1"] + 1, c["k2"]) for c in full))
     elif step in ("landmark_country", "train_label") and ctx.train is not None:
         cache.knn(q, ctx.train, max(c["k"] for c in full))
 

@@ -283,7 +283,7 @@ def shortlist(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any], cache: G
         from glr.postprocess.kreciprocal import k_reciprocal_rerank  # noqa: PLC0415
 
         A = np.concatenate([q2, db2])
-        graph = cache.joint(A, kr["k1"] + 1)
+        graph = cache.joint(A, max(kr["k1"] + 1, kr["k2"]))  # the local expansion averages k2 rows
         S, I = k_reciprocal_rerank(q2, db2, k1=kr["k1"], k2=kr["k2"], lambda_value=kr["lambda"], topk=n,
                                    graph=graph, progress=progress)
     else:
