@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from glr.search import _as_matrix as _matrix
 from glr.search import knn
 
 log = logging.getLogger(__name__)
@@ -42,18 +43,6 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
     return np.ascontiguousarray(x / np.maximum(n, eps), dtype=np.float32)
-
-
-def _matrix(x: np.ndarray, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
 
 
 # --------------------------------------------------------------------------- ensembles

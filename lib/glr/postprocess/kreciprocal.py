@@ -53,13 +53,13 @@ multiply-adds: about 80 s on 2 CPU cores at that size).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any, Iterator
 
 import numpy as np
 import scipy.sparse as sp
 
+from glr.search import _as_matrix as _features
 from glr.search import _as_positive_int as _positive_int
 from glr.search import _chunks, _exact_fp32_matmul, _import_torch, _progress
 
@@ -87,18 +87,6 @@ def _phase(name: str, t0: float, **sizes: Any) -> float:
     log.info("k-reciprocal: %s in %.2fs%s", name, t - t0, extra,
              extra={"kr_phase": name, "kr_seconds": t - t0})
     return t
-
-
-def _features(x: Any, name: str) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) array, got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.size and not math.isfinite(float(np.sum(x, dtype=np.float64))):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return x
 
 
 def _distances(d: Any, name: str, shape: tuple[int, int]) -> np.ndarray:
