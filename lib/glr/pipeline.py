@@ -24,7 +24,6 @@ from glr.embeddings import (PooledFeatures, extract_embeddings, load_embeddings,
 from glr.postprocess.expansion import combine_embeddings, l2_normalize
 from glr.postprocess.steps import Context
 from glr.model import LITE0_PACKAGE, LandmarkModule, build_net, load_artifact, read_artifact, save_artifact
-from glr.search import knn
 from glr.submission import (recognition_predictions, recognition_rows, retrieval_rows,
                             write_submission)
 from glr.utils import InputError, atomic_write
@@ -249,12 +248,16 @@ def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[s
 
 
 def _postprocess_context(root: GLDv2Root, emb: dict[str, np.ndarray], train_pairs: list[tuple[str, int]],
-                         splits: dict[str, list[str]], distractors: str | os.PathLike | None) -> Context:
-    """The re-rankers' inputs: train descriptors and landmark / country labels, distractors, paths."""
+                         splits: dict[str, list[str]], distractors: str | os.PathLike | None,
+                         paths: bool) -> Context:
+    """The re-rankers' inputs: train descriptors and landmark / country labels, distractors and
+    (with ``paths``, for spatial verification) the image files."""
     from glr.postprocess.labels import encode_labels  # noqa: PLC0415
 
-    ctx = Context(q_paths=[str(root.path("test", i)) for i in splits["test"]],
-                  db_paths=[str(root.path("index", i)) for i in splits["index"]])
+    ctx = Context()
+    if paths:
+        ctx.q_paths = [str(root.path("test", i)) for i in splits["test"]]
+        ctx.db_paths = [str(root.path("index", i)) for i in splits["index"]]
     if "train" in emb:
         lm = np.array([l for _, l in train_pairs], np.int64)
         countries = root.country_of() or {}
@@ -330,7 +333,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
     config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
     grid = read_grid(sweep) if isinstance(sweep, (str, os.PathLike)) else sweep
     if grid is not None:
-        config["shortlist"], config["k"] = grid.get("shortlist", config["shortlist"]), k
+        config["shortlist"] = grid.get("shortlist", config["shortlist"])
     config["k"] = k
     sol = root.solution_path("retrieval")
     test_ids, index_ids = root.test_ids(), root.index_ids()
@@ -343,8 +346,8 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
     elif protocol != "v2.1":
         raise InputError(f"protocol must be 'v2.1' or '2021', got {protocol!r}")
     splits = {"test": test_ids, "index": index_ids}
-    needs_train = recognition or any(config.get(s) for s in ("landmark_country", "train_label")) or \
-        bool(grid and any(s in grid for s in ("landmark_country", "train_label")))
+    wanted = {s for s in config if config.get(s)} | set(grid or ())  # steps this run may apply
+    needs_train = recognition or bool(wanted & {"landmark_country", "train_label"})
     train_pairs: list[tuple[str, int]] = []
     if needs_train:
         train_pairs = root.train_ids_labels(train_subset)
@@ -358,7 +361,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         for s, ids in splits.items():
             save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
 
-    ctx = _postprocess_context(root, emb, train_pairs, splits, distractors)
+    ctx = _postprocess_context(root, emb, train_pairs, splits, distractors, paths="spatial" in wanted)
     cache = GraphCache(folder=cache_dir if cache_dir is not None else (out / "graph_cache" if grid else None),
                        progress=progress)
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind,

@@ -34,8 +34,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from glr import metrics
-from glr.postprocess.steps import (STEPS, Context, GraphCache, describe, normalize_config, rerank, shortlist,
-                                   write_config)
+from glr.postprocess.steps import (STEPS, Context, GraphCache, describe, missing_inputs, normalize_config, rerank,
+                                   shortlist, write_config)
 from glr.submission import retrieval_rows
 from glr.utils import InputError, atomic_write
 
@@ -217,9 +217,7 @@ def run_sweep(q: np.ndarray, db: np.ndarray, scorer: RetrievalScorer, grid: Mapp
     total = sum(len(c) for c in stages.values())
     bar = tqdm(total=total, desc="sweep", disable=not progress, leave=False)
     for step, cands in stages.items():
-        needs = {"landmark_country": ("train", "train_landmarks"), "train_label": ("train", "train_landmarks"),
-                 "nonlandmark": ("distractors",), "spatial": ("q_paths", "db_paths")}.get(step, ())
-        missing = [n for n in needs if getattr(ctx, n) is None]
+        missing = missing_inputs(ctx, step)
         if missing:
             log.warning("sweep: step %s skipped (needs %s)", step, ", ".join(missing))
             bar.update(len(cands))

@@ -53,6 +53,10 @@ STEPS = tuple(STEP_DEFAULTS)
 TOP_DEFAULTS: dict[str, Any] = {"shortlist": 1000, "k": 100}
 #: Steps that re-rank a shortlist (they make a shortlist longer than ``k`` worth computing).
 RERANKERS = ("landmark_country", "train_label", "nonlandmark", "spatial")
+#: The :class:`Context` fields each re-ranker needs.
+STEP_NEEDS: dict[str, tuple[str, ...]] = {"landmark_country": ("train", "train_landmarks"),
+                                          "train_label": ("train", "train_landmarks"),
+                                          "nonlandmark": ("distractors",), "spatial": ("q_paths", "db_paths")}
 
 
 def normalize_config(config: Mapping[str, Any] | None, source: str = "post-processing config") -> dict[str, Any]:
@@ -236,8 +240,13 @@ def _key(config: Mapping[str, Any], steps: Sequence[str], extra: Any = None) -> 
     return json.dumps([{s: config.get(s) for s in steps}, extra], sort_keys=True, default=str)
 
 
-def _need(ctx: Context, step: str, *names: str) -> None:
-    missing = [n for n in names if getattr(ctx, n) is None]
+def missing_inputs(ctx: Context, step: str) -> list[str]:
+    """The :class:`Context` fields ``step`` needs that ``ctx`` lacks."""
+    return [n for n in STEP_NEEDS.get(step, ()) if getattr(ctx, n) is None]
+
+
+def _need(ctx: Context, step: str) -> None:
+    missing = missing_inputs(ctx, step)
     if missing:
         raise InputError(f"post-processing step {step!r} needs {', '.join(missing)} (not given)")
 
@@ -306,7 +315,7 @@ def rerank(S: np.ndarray, I: np.ndarray, q: np.ndarray, db: np.ndarray, config: 
 
     lc, tl = config.get("landmark_country"), config.get("train_label")
     if lc or tl:
-        _need(ctx, "landmark_country" if lc else "train_label", "train", "train_landmarks")
+        _need(ctx, "landmark_country" if lc else "train_label")
         kq = max(lc["k"] if lc else 1, tl["k"] if tl else 1)
         Sq, Iq = cache.knn(q, ctx.train, kq)
         _, Idb = cache.knn(db, ctx.train, 1)
@@ -325,7 +334,7 @@ def rerank(S: np.ndarray, I: np.ndarray, q: np.ndarray, db: np.ndarray, config: 
             S, I = labels.train_label_rerank(S, I, q_lab, db_lab, q=q, db=db, insert=tl["insert"])
     nl = config.get("nonlandmark")
     if nl:
-        _need(ctx, "nonlandmark", "distractors")
+        _need(ctx, "nonlandmark")
         key = "nonlandmark" + json.dumps([cache._fp(db), cache._fp(ctx.distractors), nl["k"]])
         if key not in cache.memo:
             cache.memo[key] = labels.nonlandmark_scores(db, ctx.distractors, k=nl["k"])
@@ -334,7 +343,7 @@ def rerank(S: np.ndarray, I: np.ndarray, q: np.ndarray, db: np.ndarray, config: 
     if sp:
         from glr.postprocess.spatial import spatial_rerank  # noqa: PLC0415
 
-        _need(ctx, "spatial", "q_paths", "db_paths")
+        _need(ctx, "spatial")
         S, I, info["spatial"] = spatial_rerank(ctx.q_paths, ctx.db_paths, S, I, top_n=sp["top_n"],
                                                max_inliers=sp["max_inliers"], time_budget_s=sp["time_budget_s"],
                                                detector=sp["detector"], max_side=sp["max_side"], progress=progress)
