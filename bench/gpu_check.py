@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from glr.embeddings import extract_embeddings
-from glr.model import EmbeddingNet, LandmarkModule
+from glr.model import EmbeddingNet
+from glr.training import LandmarkModule
 from glr.search import knn, resolve_backend
 
 

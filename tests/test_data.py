@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from glr.data import (
-    GLDv2DataModule,
     GLDv2Root,
     ImageDataset,
     build_label_map,
@@ -24,6 +23,7 @@ from glr.data import (
     scan_image_ids,
     transforms_from_config,
 )
+from glr.training import GLDv2DataModule
 from glr.utils import InputError
 
 

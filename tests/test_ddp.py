@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from glr.cli import main
 from glr.data import IMAGENET_MEAN, IMAGENET_STD, GLDv2Root, ImageDataset, make_transforms
-from glr.embeddings import export_embeddings, extract_embeddings, load_embeddings, merge_parts
+from glr.embeddings import extract_embeddings, load_embeddings, merge_parts
+from glr.export import export_embeddings
 from glr.model import build_net, save_artifact
 from glr.utils import InputError
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glr.model import (LITE0_PACKAGE, ArcFace, EmbeddingNet, GeM, LandmarkModule, build_net, convert_positional,
-                       gem, lite0_package_file, load_artifact, resolve_pretrained_file, save_artifact)
+from glr.heads import ArcFace
+from glr.model import (LITE0_PACKAGE, EmbeddingNet, GeM, build_net, convert_positional, gem, lite0_package_file, load_artifact, resolve_pretrained_file, save_artifact)
+from glr.training import LandmarkModule
 from glr.utils import InputError
 
 

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glr.data import GLDv2DataModule, GLDv2Root, make_transforms
+from glr.data import GLDv2Root, make_transforms
 from glr.experiment import parse_experiment, run_experiment
-from glr.model import EmbeddingNet, LandmarkModule, build_net, read_artifact, save_artifact
+from glr.model import EmbeddingNet, build_net, read_artifact, save_artifact
+from glr.training import GLDv2DataModule, LandmarkModule
 from glr.synth import make_synthetic_gldv2
 from glr.utils import InputError
 

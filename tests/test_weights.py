@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from glr import weights as W
-from glr.model import ArcFace, build_net, save_artifact
+from glr.heads import ArcFace
+from glr.model import build_net, save_artifact
 from glr.utils import InputError
 
 DATA_CONFIG = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],

@@ -254,7 +254,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "embed":  # Lightning's ddp launcher re-runs this command line for the other ranks
         import contextlib
 
-        from glr.embeddings import export_embeddings, global_rank
+        from glr.export import export_embeddings, global_rank
 
         devices = int(args.devices) if args.devices.isdigit() else args.devices
         try:

@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from glr import metrics
-from glr.data import GLDv2DataModule, GLDv2Root, ImageDataset, make_transforms, read_ids
+from glr.data import GLDv2Root, ImageDataset, make_transforms, read_ids
 from glr.embeddings import (PooledFeatures, extract_embeddings, load_embeddings, save_embeddings,
                             thumbnail_embeddings)
 from glr.postprocess.expansion import combine_embeddings, l2_normalize
 from glr.postprocess.steps import Context
-from glr.model import LITE0_PACKAGE, LandmarkModule, build_net, load_artifact, read_artifact, save_artifact
+from glr.model import LITE0_PACKAGE, build_net, load_artifact, read_artifact, save_artifact
 from glr.submission import (recognition_predictions, recognition_rows, retrieval_rows,
                             write_submission)
 from glr.utils import InputError, atomic_write
@@ -103,6 +103,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
     import lightning.pytorch as pl
 
     from glr.heads import expand_head_state
+    from glr.training import GLDv2DataModule, LandmarkModule
 
     unknown = set(options) - set(TRAIN_DEFAULTS)
     if unknown:
