@@ -15,14 +15,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from glr import metrics
-from glr.data import GLDv2Root, ImageDataset, make_transforms, read_ids
-from glr.embeddings import (PooledFeatures, extract_embeddings, load_embeddings, save_embeddings,
-                            thumbnail_embeddings)
-from glr.postprocess.expansion import combine_embeddings, l2_normalize
-from glr.postprocess.steps import Context
+from glr.data import GLDv2Root, read_ids
+from glr.embeddings import PooledFeatures, embed_images, load_embeddings, save_embeddings, thumbnail_embeddings
+from glr.postprocess.expansion import combine_embeddings
+from glr.postprocess.steps import Context, train_context
 from glr.model import LITE0_PACKAGE, build_net, load_artifact, read_artifact, save_artifact
 from glr.submission import (recognition_predictions, recognition_rows, retrieval_rows,
                             write_submission)
@@ -183,20 +181,9 @@ def embed_split(net: torch.nn.Module, root: GLDv2Root, split: str, ids: Sequence
     L2-normalised; the flips are averaged per scale, the scales averaged, each average
     re-normalised.
     """
-    scales = [float(s) for s in scales] or [1.0]
-    if any(s <= 0 for s in scales):
-        raise ValueError(f"TTA scales must be > 0, got {scales}")
-    views = []
-    for s in scales:
-        size = max(8, int(round(image_size * s)))
-        ds = ImageDataset(root.root, split, list(ids), transform=make_transforms(size, train=False))
-        loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            pin_memory=torch.cuda.is_available())
-        desc = f"embed {split}" + (f" @{size}" if len(scales) > 1 else "")
-        views.append(extract_embeddings(net, loader, device=device, progress=progress, desc=desc, flip=flip))
-    if len(views) == 1:
-        return views[0]
-    return l2_normalize(np.mean(views, axis=0))
+    emb, _ = embed_images(net, root.root, split, ids, image_size, batch_size, num_workers, device=device,
+                          progress=progress, flip=flip, scales=scales)
+    return emb
 
 
 def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifacts: Sequence[str],
@@ -253,17 +240,12 @@ def _postprocess_context(root: GLDv2Root, emb: dict[str, np.ndarray], train_pair
                          paths: bool) -> Context:
     """The re-rankers' inputs: train descriptors and landmark / country labels, distractors and
     (with ``paths``, for spatial verification) the image files."""
-    from glr.postprocess.labels import encode_labels  # noqa: PLC0415
-
     ctx = Context()
+    if "train" in emb:
+        ctx = train_context(emb["train"], [lm for _, lm in train_pairs], root.country_of())
     if paths:
         ctx.q_paths = [str(root.path("test", i)) for i in splits["test"]]
         ctx.db_paths = [str(root.path("index", i)) for i in splits["index"]]
-    if "train" in emb:
-        lm = np.array([l for _, l in train_pairs], np.int64)
-        countries = root.country_of() or {}
-        codes, _ = encode_labels([countries.get(int(l)) for l in lm])
-        ctx.train, ctx.train_landmarks, ctx.train_countries = emb["train"], lm, codes
     if distractors is not None:
         _, ctx.distractors = load_embeddings(distractors)
     return ctx

@@ -236,6 +236,18 @@ class Context:
     db_paths: Sequence[str] | None = None
 
 
+def train_context(train: np.ndarray, landmarks: Sequence[int], countries: Mapping[int, str] | None) -> Context:
+    """A :class:`Context` holding the train set: (Ntr, D) descriptors, their landmark ids and,
+    through ``countries`` (landmark → country, e.g. ``train_label_to_country.csv``; None if
+    unknown), their country codes (-1 where unknown)."""
+    from glr.postprocess.labels import encode_labels  # noqa: PLC0415
+
+    lm = np.asarray([int(x) for x in landmarks], np.int64)
+    table = countries or {}
+    codes, _ = encode_labels([table.get(int(x)) for x in lm])
+    return Context(train=train, train_landmarks=lm, train_countries=codes)
+
+
 def _key(config: Mapping[str, Any], steps: Sequence[str], extra: Any = None) -> str:
     return json.dumps([{s: config.get(s) for s in steps}, extra], sort_keys=True, default=str)
 
