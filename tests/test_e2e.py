@@ -102,7 +102,8 @@ def _check_outputs(out, data):
 
 def test_quick_demo_on_embedded_data(tmp_path, capsys):
     out, work = tmp_path / "sub", tmp_path / "work"
-    assert main(["demo", "--quick", "--out", str(out), "--work", str(work), "--num-workers", "0"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--work", str(work), "--num-workers", "0",
+                 "--kernel", str(tmp_path / "kernel")]) == 0
     cvj = _check_outputs(out, work / "data")
     assert set(cvj["baselines"]) == {"thumbnail", "imagenet"}
     assert cvj["recognition"]["public"]["gap"] is not None
@@ -127,14 +128,21 @@ def test_quick_demo_on_embedded_data(tmp_path, capsys):
     kept = [r for r in cvj["sweep"]["pipeline"] if r["kept"]]
     for subset in ("public", "private"):
         assert cvj[subset]["map@100"] == pytest.approx(kept[-1]["scores"][subset]["map@100"], abs=1e-12)
+    # the demo ends with the kernel: built from the ensemble and the chosen chain, run without glr
+    # in both mount layouts, its submission equal to the library's
+    assert cvj["kernel"]["parity"]["identical"] and cvj["kernel"]["parity"]["equal_rows"] > 0
+    assert {r["status"] for r in cvj["kernel"]["runs"].values()} == {"ok"}
+    assert "equals the library's" in printed
 
 
 def test_demo_on_a_root_made_elsewhere(tmp_path):
     data = _foreign_root(tmp_path / "root")
     out = tmp_path / "sub"
     assert main(["demo", "--data", str(data), "--quick", "--no-baselines", "--out", str(out),
-                 "--work", str(tmp_path / "work"), "--num-workers", "0", "--epochs", "2"]) == 0
+                 "--work", str(tmp_path / "work"), "--num-workers", "0", "--epochs", "2",
+                 "--kernel", str(tmp_path / "kernel")]) == 0
     cvj = _check_outputs(out, data)
+    assert cvj["kernel"]["parity"]["identical"]  # digit-only ids, another landmark numbering: same submission
     # recognition is scored in the train numbering although the index uses another one
     assert cvj["recognition"]["private"]["n_with_gt"] > 0
     # the embeddings written are one row per id, L2-normalised

@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-baselines", action="store_true")
     d.add_argument("--weights", help="artifacts and manifests: WEIGHTS/<experiment>/ (default WORK/weights)")
     d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--kernel", default="kernels/demo", help="where to build the demo's Kaggle kernel (then run locally)")
+    d.add_argument("--no-kernel", action="store_true", help="skip building and running the kernel")
     # --- glr embed (multi-GPU / multi-node export through Lightning strategies) ---
     e = sub.add_parser("embed", help="embed one split with a model artifact (any Lightning strategy); "
                                      "writes ids + embeddings to an .npz")
@@ -405,7 +407,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "demo":
         pipeline.demo(data=args.data, out=args.out, work=args.work, quick=args.quick,
                       train_args={"epochs": args.epochs} if args.epochs else None,
-                      baselines=not args.no_baselines, num_workers=args.num_workers, weights=args.weights)
+                      baselines=not args.no_baselines, num_workers=args.num_workers, weights=args.weights,
+                      kernel=None if args.no_kernel else args.kernel)
         return 0
     raise AssertionError(args.cmd)
 

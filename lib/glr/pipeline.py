@@ -425,9 +425,10 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
          work: str | os.PathLike = "runs/demo", quick: bool = False, train_args: dict | None = None,
          baselines: bool = True, num_workers: int = 2, progress: bool = True,
          synth_args: dict | None = None, experiments: Sequence[dict[str, Any]] | None = None,
-         weights: str | os.PathLike | None = None, sweep: dict[str, Any] | None | bool = True) -> dict[str, Any]:
+         weights: str | os.PathLike | None = None, sweep: dict[str, Any] | None | bool = True,
+         kernel: str | os.PathLike | None = "kernels/demo") -> dict[str, Any]:
     """synth (unless ``data``) → two staged experiments → ensemble CV with the post-processing
-    sweep, plus two reference descriptors.
+    sweep, plus two reference descriptors → the Kaggle kernel built and run locally.
 
     Prints the CV after every stage and a table of every stage, the ensemble and the
     baselines at the end.
@@ -444,6 +445,9 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         weights: weights folder (default ``work/weights``).
         sweep: the post-processing grid swept on the ensemble's CV (True: :data:`glr.sweep.DEFAULT_GRID`;
             None/False: plain kNN); the chosen chain writes the submission and ``postprocess.yaml``.
+        kernel: where to build the ensemble's Kaggle kernel (:func:`glr.kernel.build.build_kernel`),
+            which is then run in a simulated ``/kaggle`` in both mount layouts and compared with
+            the library's submission (None: skip). The result is ``cv.json``'s ``kernel`` entry.
 
     Returns:
         The ensemble's cv.json content.
@@ -505,7 +509,36 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         print()
         print("post-processing of the ensemble (tuned on Public, chosen chain in postprocess.yaml):")
         print(sweep_table({"protocol": result.get("protocol", "v2.1"), "pipeline": result["sweep"]["pipeline"]}))
+    if kernel is not None:
+        result["kernel"] = demo_kernel(data, out, kernel, weights, num_workers, progress)
+        with atomic_write(out / "cv.json") as f:
+            json.dump(result, f, indent=2, default=str)
     return result
+
+
+def demo_kernel(data: str | os.PathLike, out: Path, kernel: str | os.PathLike, weights: Path,
+                num_workers: int = 2, progress: bool = True) -> dict[str, Any]:
+    """Build the demo ensemble's kernel (``out/ensemble.yaml`` + ``out/postprocess.yaml``), run it
+    locally in both mount layouts and print whether its submission equals the library's."""
+    from glr.kernel.build import build_kernel  # noqa: PLC0415
+    from glr.kernel.local import format_result, run_local  # noqa: PLC0415
+
+    post = out / "postprocess.yaml"
+    built = build_kernel(out / "ensemble.yaml", kernel, "glr-demo/glr-demo-kernel", "glr-demo/glr-demo-weights",
+                         weights_dir=weights, post=post if post.is_file() else None, overwrite=True,
+                         num_workers=num_workers, hidden_test_size=10_000, progress=progress)
+    print()
+    print(f"kernel built in {built}; running it in a simulated /kaggle (fresh interpreter, glr not importable):")
+    res = run_local(data, built, stream=False, progress=progress)
+    print(format_result(res))
+    timing = next(iter(res["runs"].values()))["report"].get("timing") or []
+    if timing:
+        total = sum(r["seconds"] for r in timing)
+        projected = sum(r["projected_seconds"] for r in timing)
+        print(f"  kernel time {total:.1f} s here; projected for 10,000 hidden test images: {projected / 60:.1f} min "
+              "(same index, same machine)")
+    return {"folder": str(built), "parity": res.get("parity"),
+            "runs": {k: {x: v[x] for x in ("returncode", "status", "rows", "seconds")} for k, v in res["runs"].items()}}
 
 
 def _brief(result: dict[str, Any] | None) -> dict[str, Any] | None:
