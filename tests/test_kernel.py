@@ -73,6 +73,11 @@ def test_build_writes_metadata_with_internet_off_and_a_self_contained_script(bui
     assert [m["image_size"] for m in settings["members"]] == [32, 40]
     assert all((kernel / "weights" / m["file"]).is_file() for m in settings["members"])
     assert json.loads((kernel / "weights" / "dataset-metadata.json").read_text())["id"] == "me/glr-tiny-weights"
+    # what glr submit checks before sending anything accepts both folders as built
+    from glr.submit import read_dataset_folder, read_kernel_folder
+
+    assert read_kernel_folder(kernel)["enable_internet"] is False
+    assert read_dataset_folder(kernel / "weights")["id"] == "me/glr-tiny-weights"
     text = script.read_text()
     # the embedded zip holds the package's own sources, byte for byte, and nothing of Lightning
     blob = base64.b64decode("".join(re.findall(r'^    "([A-Za-z0-9+/=]+)"$', text, re.M)))
@@ -197,6 +202,9 @@ def test_wheels_are_collected_offline_and_installed_by_the_kernel(tmp_path, monk
     got = collect_wheels(out, "me/glr-test-wheels", [name], find_links=[src], no_index=True)
     assert [w.name for w in got] == [whl.name]
     assert json.loads((out / "dataset-metadata.json").read_text())["id"] == "me/glr-test-wheels"
+    from glr.submit import read_dataset_folder
+
+    assert read_dataset_folder(out)["id"] == "me/glr-test-wheels"  # glr submit dataset would accept it
     with pytest.raises(InputError, match="pip download failed"):
         collect_wheels(tmp_path / "w2", "me/glr-test-wheels", ["nosuchpkg-glr"], find_links=[src], no_index=True)
     assert not (tmp_path / "w2").exists()

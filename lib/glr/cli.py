@@ -1,4 +1,5 @@
-"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | cv | score | weights | demo``.
+"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | cv | score | weights | kernel |
+submit | demo``.
 
 Every subcommand takes a GLDv2-format root (official v2.1 file names or the Kaggle 2021
 layout); bad input ends with a one-line error naming the file and line, exit status 2.
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     kw.add_argument("--id", dest="dataset_id", help="dataset id owner/slug (instead of --kernel)")
     kw.add_argument("--package", nargs="+", help="pip requirements (default faiss-cpu==1.15.1)")
     kw.add_argument("--python-version", default="3.11", help="Kaggle's Python")
-    kw.add_argument("--platform", default="manylinux2014_x86_64")
+    kw.add_argument("--platform", nargs="+", default=["manylinux_2_28_x86_64", "manylinux2014_x86_64"],
+                    help="wheel platform tags Kaggle's image accepts")
     kw.add_argument("--find-links", nargs="+", default=[], help="local folders of wheels")
     kw.add_argument("--no-index", action="store_true", help="do not use PyPI")
     kw.add_argument("--overwrite", action="store_true")
@@ -280,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("--no-parity", action="store_true", help="skip the library run and comparison")
     kr.add_argument("--keep", help="copy each run's /kaggle/working here")
     kr.add_argument("--timeout", type=float, help="seconds per run")
+    kr.add_argument("--without", nargs="+", default=[], metavar="MODULE",
+                    help="hide these modules from site-packages (e.g. faiss: Kaggle's image lacks it)")
     kr.add_argument("--json", action="store_true", help="print the result as JSON")
+    from glr.submit import add_submit_parser
+
+    add_submit_parser(sub)  # glr submit: datasets, kernels and submissions through the kaggle client
     return p
 
 
@@ -404,6 +411,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "kernel":
         return _kernel(args)
+    if args.cmd == "submit":
+        from glr.submit import run_submit
+
+        return run_submit(args)
     if args.cmd == "demo":
         pipeline.demo(data=args.data, out=args.out, work=args.work, quick=args.quick,
                       train_args={"epochs": args.epochs} if args.epochs else None,
@@ -448,7 +459,8 @@ def _kernel(args: argparse.Namespace) -> int:
 
         layouts = ["classic", "nested"] if args.layout == "both" else [args.layout]
         result = run_local(args.data, args.kernel, layouts, rerun=args.rerun, overrides=_overrides(args.set),
-                           parity=not args.no_parity, keep=args.keep, timeout=args.timeout)
+                           parity=not args.no_parity, keep=args.keep, timeout=args.timeout,
+                           without=args.without)
         print(json.dumps(result, indent=2, default=str) if args.json else format_result(result))
         bad = [r for r in result["runs"].values() if r["returncode"] != 0 or r["status"] != "ok"]
         unequal = result.get("parity") is not None and not result["parity"]["identical"]

@@ -198,9 +198,11 @@ def kernel_metadata(kernel_id: str, title: str | None, code_file: str, competiti
     false explicitly: the kaggle client defaults it to true, and a code competition
     rejects kernels with internet on. The title must slugify to the id's slug (the client
     warns and Kaggle renames the kernel otherwise)."""
+    from slugify import slugify  # python-slugify, the kaggle client's own rule (glr submit checks the same)
+
     slug = kernel_id.split("/")[1]
     title = title or slug.replace("-", " ")
-    if re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") != slug:
+    if slugify(title) != slug:
         raise InputError(f"kernel title {title!r} does not turn into the slug {slug!r}; "
                          "Kaggle would give the kernel another id")
     return {"id": kernel_id, "title": title, "code_file": code_file, "language": "python",

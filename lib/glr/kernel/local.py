@@ -33,18 +33,25 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("classic", "nested")
 
-# Run as `python -I -S -c BOOT SITE_DIRS_JSON SCRIPT`: site-packages without their .pth files,
-# Lightning made unimportable, then the script as __main__.
+# Run as `python -I -S -c BOOT SITE_DIRS_JSON SCRIPT HIDDEN_JSON`: site-packages without their
+# .pth files, Lightning made unimportable, the HIDDEN modules invisible in site-packages (found
+# only elsewhere on sys.path, e.g. where the kernel installs its wheels), then the script.
 _BOOT = r"""
-import json, runpy, sys
-sys.path.extend(json.loads(sys.argv[1]))
+import importlib.machinery, json, runpy, sys
+site_dirs, script, hidden = json.loads(sys.argv[1]), sys.argv[2], set(json.loads(sys.argv[3]))
+sys.path.extend(site_dirs)
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("lightning", "pytorch_lightning"):
+        top = name.split(".")[0]
+        if top in ("lightning", "pytorch_lightning"):
             raise ImportError(f"{name} is not available to the kernel (glr kernel run blocks it)")
+        if top in hidden and path is None:
+            spec = importlib.machinery.PathFinder.find_spec(name, [p for p in sys.path if p not in site_dirs])
+            if spec is None:
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden by glr kernel run --without)")
+            return spec
         return None
 sys.meta_path.insert(0, _Block())
-script = sys.argv[2]
 sys.argv = [script]
 runpy.run_path(script, run_name="__main__")
 """
@@ -92,13 +99,15 @@ def layout_inputs(kaggle: Path, layout: str, data: Path, kernel: Path, settings:
 
 
 def run_script(script: Path, kaggle: Path, env: Mapping[str, str] | None = None,
-               timeout: float | None = None, stream: bool = True) -> tuple[int, float, str]:
+               timeout: float | None = None, stream: bool = True,
+               without: Sequence[str] = ()) -> tuple[int, float, str]:
     """Run the kernel script in a fresh interpreter with ``GLR_KAGGLE_ROOT=kaggle``, its
-    working folder as the current directory. Returns (exit status, seconds, output)."""
+    working folder as the current directory; ``without`` names modules hidden from
+    site-packages (an image that lacks them). Returns (exit status, seconds, output)."""
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("PYTHON", "GLR_", "KAGGLE_IS_COMPETITION_RERUN"))}
     full_env.update(GLR_KAGGLE_ROOT=str(kaggle), **(env or {}))
-    cmd = fresh_python(["-c", _BOOT, json.dumps(_site_dirs()), str(script.resolve())])
+    cmd = fresh_python(["-c", _BOOT, json.dumps(_site_dirs()), str(script.resolve()), json.dumps(list(without))])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=kaggle / "working", env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -148,7 +157,7 @@ def library_submission(data: Path, kernel: Path, settings: Mapping[str, Any], ou
 def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Sequence[str] = LAYOUTS,
               rerun: bool = False, overrides: Mapping[str, Any] | None = None, parity: bool = True,
               keep: str | os.PathLike | None = None, timeout: float | None = None,
-              stream: bool = True, progress: bool = True) -> dict[str, Any]:
+              stream: bool = True, progress: bool = True, without: Sequence[str] = ()) -> dict[str, Any]:
     """Run a built kernel on ``data`` once per layout, validate each submission and compare it
     with the library's.
 
@@ -159,6 +168,8 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
         overrides: kernel settings to override (``GLR_KERNEL_SETTINGS``).
         parity: also run the library pipeline and compare.
         keep: copy each run's ``kaggle/working`` to ``keep/<layout>``.
+        without: modules to hide from site-packages (e.g. ``faiss``: Kaggle's image lacks it,
+            so the kernel must install it from the wheels dataset or search with torch).
 
     Returns:
         ``{"runs": {layout: {"returncode", "seconds", "status", "report", "rows"}}, "parity": …}``;
@@ -184,7 +195,7 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
             kaggle = Path(tmp) / layout / "kaggle"
             layout_inputs(kaggle, layout, data, kernel, settings)
             log.info("kernel %s, %s layout: running %s", meta["id"], layout, script.name)
-            rc, seconds, output = run_script(script, kaggle, env, timeout, stream)
+            rc, seconds, output = run_script(script, kaggle, env, timeout, stream, without)
             working = kaggle / "working"
             report = json.loads((working / REPORT).read_text()) if (working / REPORT).is_file() else {}
             sub = working / SUBMISSION

@@ -266,11 +266,18 @@ def write_fallback(out: Path, task: str, test_ids: Sequence[str], sample: Mappin
 
 
 # --------------------------------------------------------------------------- wheels
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def ensure_modules(modules: Sequence[str], wheels: Path | None) -> list[str]:
     """Install the wheels of ``wheels`` (``pip --no-index --no-deps --target``, into a temporary
     folder put first on ``sys.path``) when one of ``modules`` does not import. Returns the
     modules still missing (the kernel then falls back: torch search instead of faiss)."""
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    missing = [m for m in modules if not _importable(m)]
     if not missing:
         return []
     files = sorted(wheels.glob("*.whl")) if wheels is not None else []
@@ -285,7 +292,7 @@ def ensure_modules(modules: Sequence[str], wheels: Path | None) -> list[str]:
         log.warning("pip could not install the wheels (exit %d): %s", done.returncode, done.stderr.strip()[-500:])
     sys.path.insert(0, str(target))
     importlib.invalidate_caches()
-    still = [m for m in missing if importlib.util.find_spec(m) is None]
+    still = [m for m in missing if not _importable(m)]
     log.info("installed %d wheel(s) from %s; %s", len(files), wheels,
              f"still missing: {', '.join(still)}" if still else f"{', '.join(missing)} now import(s)")
     return still

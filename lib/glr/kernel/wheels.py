@@ -27,11 +27,12 @@ from glr.utils import InputError
 
 DEFAULT_PACKAGES = ("faiss-cpu==1.15.1",)
 DEFAULT_PYTHON = "3.11"
-DEFAULT_PLATFORM = "manylinux2014_x86_64"
+#: Kaggle's image is glibc 2.35 on x86_64: any of these tags installs (faiss 1.15 ships manylinux_2_28 only).
+DEFAULT_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux2014_x86_64")
 
 
 def collect_wheels(out: str | os.PathLike, dataset_id: str, packages: Sequence[str] = DEFAULT_PACKAGES,
-                   python_version: str = DEFAULT_PYTHON, platform: str = DEFAULT_PLATFORM,
+                   python_version: str = DEFAULT_PYTHON, platforms: Sequence[str] = DEFAULT_PLATFORMS,
                    find_links: Sequence[str | os.PathLike] = (), no_index: bool = False,
                    title: str | None = None, overwrite: bool = False) -> list[Path]:
     """Download ``packages`` as wheels for Kaggle into ``out`` (a dataset folder).
@@ -41,7 +42,7 @@ def collect_wheels(out: str | os.PathLike, dataset_id: str, packages: Sequence[s
             is replaced only with ``overwrite`` and only if it holds ``dataset-metadata.json``).
         dataset_id: ``owner/slug`` of the wheels dataset.
         packages: pip requirement strings.
-        python_version, platform: Kaggle's (``pip download --python-version/--platform``).
+        python_version, platforms: Kaggle's (``pip download --python-version/--platform``).
         find_links, no_index: where pip looks (a local folder of wheels, offline).
 
     Returns:
@@ -65,8 +66,9 @@ def collect_wheels(out: str | os.PathLike, dataset_id: str, packages: Sequence[s
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--only-binary=:all:",
-               "--no-deps", "--python-version", python_version, "--platform", platform, "--implementation", "cp",
-               "--dest", str(tmp)]
+               "--no-deps", "--python-version", python_version, "--implementation", "cp", "--dest", str(tmp)]
+        for platform in platforms:
+            cmd += ["--platform", platform]
         if no_index:
             cmd.append("--no-index")
         for link in find_links:
