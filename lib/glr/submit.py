@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from glr.utils import InputError
+from glr.utils import InputError, read_json_object
 
 if TYPE_CHECKING:  # the kaggle package authenticates when imported: import it only when needed
     from kaggle.api.kaggle_api_extended import KaggleApi
@@ -170,18 +170,7 @@ def _strict_uploads(api: KaggleApi) -> Iterator[None]:
 
 # --------------------------------------------------------------------------- validation helpers
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise InputError("metadata file not found", path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"not valid JSON: {e.msg}", path, e.lineno) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read ({e})", path) from None
-    if not isinstance(data, dict):
-        raise InputError(f"expected a JSON object, got {type(data).__name__}", path)
-    return data
+    return read_json_object(path, "metadata file")
 
 
 def _folder(folder: str | os.PathLike) -> Path:

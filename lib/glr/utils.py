@@ -47,3 +47,24 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
+    """The JSON object in ``path``. Raises :class:`InputError` naming the file (and the line of
+    a syntax error) when it is missing, unreadable, not JSON, or not an object; ``what`` names
+    the file in the messages (``"manifest"`` → "manifest not found", "corrupt manifest (…)")."""
+    import json  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} not found", path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"corrupt {what} (not valid JSON: {e.msg}, column {e.colno})", path, e.lineno) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {what} ({e})", path) from None
+    if not isinstance(data, dict):
+        raise InputError(f"corrupt {what}: expected a JSON object, got {type(data).__name__}", path)
+    return data

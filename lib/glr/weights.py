@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from glr.utils import InputError, atomic_write
+from glr.utils import InputError, atomic_write, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +196,8 @@ def read_manifest(exp_dir: str | os.PathLike) -> dict[str, Any]:
             with ``stage``, ``file`` and ``sha256`` in every entry (the message names the file).
     """
     path = Path(exp_dir) / MANIFEST
-    if not path.is_file():
-        raise InputError("manifest not found", path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(f"corrupt manifest ({e.msg}, column {e.colno})", path, e.lineno) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read manifest ({e})", path) from e
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+    data = read_json_object(path, "manifest")
+    if not isinstance(data.get("stages"), list):
         raise InputError('corrupt manifest: expected {"experiment": ..., "stages": [...]}', path)
     seen = set()
     for i, e in enumerate(data["stages"], 1):

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import glr
-from glr.utils import InputError
+from glr.utils import InputError, read_json_object
 
 ENTRY = "glr.kernel.runtime"
 METADATA = "kernel-metadata.json"
@@ -302,14 +302,10 @@ def build_kernel(ensemble: str | os.PathLike, out: str | os.PathLike, kernel_id:
 def read_kernel(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """``(metadata, settings, script path)`` of a built kernel folder."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / METADATA).read_text(encoding="utf-8"))
-        settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise InputError(f"not a built kernel folder (no {Path(e.filename).name}; run glr kernel build)",
-                         folder) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read the kernel folder: {e}", folder) from None
+    if not (folder / METADATA).is_file():
+        raise InputError(f"not a built kernel folder (no {METADATA}; run glr kernel build)", folder)
+    meta = read_json_object(folder / METADATA, "kernel metadata")
+    settings = read_json_object(folder / SETTINGS_FILE, "kernel settings")
     script = folder / meta.get("code_file", "")
     if not script.is_file():
         raise InputError(f"code file {meta.get('code_file')!r} named by {METADATA} is missing", folder)
