@@ -287,3 +287,16 @@ def test_recognition_kernel_votes_with_the_train_set(built, tmp_path):
     train_lm = {str(lm) for _, lm in GLDv2Root.open(built["root"]).train_ids_labels("clean")}
     assert rows and all(cell.split()[0] in train_lm for _, cell in rows)
     assert np.isfinite([float(c.split()[1]) for _, c in rows]).all()
+
+
+def test_images_are_listed_in_the_roots_order_when_it_has_one(built, tmp_path):
+    gld = GLDv2Root.open(built["root"])
+    listed, misplaced = runtime.list_images(built["root"], "test")
+    assert listed == gld.test_ids() and misplaced == 0 and listed != sorted(listed)  # test.csv order
+    root = tmp_path / "comp"
+    shutil.copytree(built["root"] / "test", root / "test")
+    stray = root / "test" / "stray.jpg"
+    stray.write_bytes(b"x")
+    listed, misplaced = runtime.list_images(root, "test")
+    assert listed == sorted(gld.test_ids()) and misplaced == 1  # no listing: sorted; misplaced files skipped
+    assert runtime.list_images(root, "index") == ([], 0)

@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--hidden-test-size", type=int, help="test images of the hidden set (timing projection)")
     kb.add_argument("--hidden-index-size", type=int, help="index images of the hidden set (default: same)")
     kb.add_argument("--countries", help="train_label_to_country.csv to ship in the weights dataset")
-    kb.add_argument("--train-embeddings", help="npz of train embeddings to ship (the kernel then skips them)")
+    kb.add_argument("--train-embeddings", help="emb_train.npz of glr cv with this same ensemble, shipped so the "
+                    "kernel does not embed the train set (landmark–country tagging, recognition)")
     kb.add_argument("--no-gpu", action="store_true", help="enable_gpu false in kernel-metadata.json")
     kb.add_argument("--overwrite", action="store_true", help="replace a previous build")
     kw = ksub.add_parser(

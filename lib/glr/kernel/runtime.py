@@ -199,8 +199,9 @@ def find_inputs(input_root: str | os.PathLike, settings: Mapping[str, Any]) -> I
 
 
 def list_images(folder: Path | None, split: str) -> tuple[list[str], int]:
-    """Sorted ids of ``<folder>/<split>/<a>/<b>/<c>/<id>.jpg`` and the number of ``.jpg`` files
-    elsewhere in that tree (skipped: they could not be found by id). A missing folder is empty."""
+    """Ids of ``<folder>/<split>/<a>/<b>/<c>/<id>.jpg`` (in ``<split>.csv`` order when there is one,
+    else sorted) and the number of ``.jpg`` files elsewhere in that tree (skipped: they could not be
+    found by id). A missing folder is empty."""
     base = None if folder is None else folder / split
     if base is None or not base.is_dir():
         log.warning("no %s/ folder%s: 0 %s images", split, "" if folder is None else f" in {folder}", split)
@@ -220,7 +221,27 @@ def list_images(folder: Path | None, split: str) -> tuple[list[str], int]:
     if misplaced:
         log.warning("%d .jpg files under %s are not at %s/<id[0]>/<id[1]>/<id[2]>/<id>.jpg; skipped",
                     misplaced, base, split)
-    return sorted(ids), misplaced
+    return _listed_order(folder / f"{split}.csv", ids), misplaced
+
+
+def _listed_order(listing: Path, ids: list[str]) -> list[str]:
+    """``ids`` in the order of ``<split>.csv`` when the root has one (the order the library uses,
+    so that near-ties break the same way), then the unlisted ones sorted; sorted without it."""
+    ids = sorted(ids)
+    if not listing.is_file():
+        return ids
+    from glr.data import read_ids  # noqa: PLC0415
+    from glr.utils import InputError  # noqa: PLC0415
+
+    try:
+        listed = read_ids(listing)
+    except InputError as e:
+        log.warning("ignoring %s: %s", listing.name, e)
+        return ids
+    present = set(ids)
+    order = [i for i in listed if i in present]
+    seen = set(order)
+    return order + [i for i in ids if i not in seen]
 
 
 # --------------------------------------------------------------------------- phase and fallback
