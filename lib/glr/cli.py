@@ -286,6 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("--without", nargs="+", default=[], metavar="MODULE",
                     help="hide these modules from site-packages (e.g. faiss: Kaggle's image lacks it)")
     kr.add_argument("--json", action="store_true", help="print the result as JSON")
+    rv = sub.add_parser(
+        "eval-revisitop", help="Revisited Oxford / Paris: Easy, Medium, Hard mAP and mP@k of a model or ensemble",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example (revisitop's layout: DIR/jpg/*.jpg and DIR/gnd_roxford5k.pkl, downloaded by you):\n"
+               "  glr eval-revisitop --data data/roxford5k --model weights/exp010/s4.pt")
+    rv.add_argument("--data", required=True, help="dataset folder holding jpg/ and gnd_<name>.pkl")
+    rv.add_argument("--gnd", help="ground-truth pickle (default: the gnd_*.pkl in --data)")
+    rv.add_argument("--model", nargs="+", help="model artifact(s); several are an ensemble")
+    rv.add_argument("--ensemble", help="ensemble YAML")
+    rv.add_argument("--weights", default="weights", help="weights folder of the ensemble's experiments")
+    rv.add_argument("--image-size", type=int, help="default: each artifact's image size")
+    rv.add_argument("--batch-size", type=int, default=32)
+    rv.add_argument("--json", action="store_true", help="print the figures as JSON (fractions)")
     from glr.submit import add_submit_parser
 
     add_submit_parser(sub)  # glr submit: datasets, kernels and submissions through the kaggle client
@@ -412,6 +425,28 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "kernel":
         return _kernel(args)
+    if args.cmd == "eval-revisitop":
+        from pathlib import Path as _P
+
+        from glr import revisitop
+
+        artifacts = list(args.model or [])
+        if args.ensemble:
+            from glr.weights import read_ensemble
+
+            artifacts += [str(m["artifact"]) for m in read_ensemble(args.ensemble, args.weights)]
+        if not artifacts:
+            raise InputError("--model ARTIFACT (or --ensemble FILE) is needed")
+        gnd = args.gnd
+        if gnd is None:
+            found = sorted(_P(args.data).glob("gnd_*.pkl"))
+            if len(found) != 1:
+                raise InputError(f"expected one gnd_*.pkl in the folder, found {len(found)} (pass --gnd)", args.data)
+            gnd = found[0]
+        result = revisitop.evaluate_model(args.data, gnd, artifacts, image_size=args.image_size,
+                                          batch_size=args.batch_size)
+        print(json.dumps(result, indent=2) if args.json else revisitop.format_result(result, result["dataset"]))
+        return 0
     if args.cmd == "submit":
         from glr.submit import run_submit
 
