@@ -204,6 +204,8 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
                                    "rows": 0, "log_tail": output[-3000:]}
             if sub.is_file():
                 test_ids, _ = list_images(data, "test")
+                if settings.get("limit_test") and not rerun:
+                    test_ids = test_ids[: settings["limit_test"]]
                 validate_submission_file(sub, settings["task"], expected_ids=test_ids or None)
                 run["rows"] = len(read_submission(sub, settings["task"]))
                 if first is None:

@@ -72,6 +72,8 @@ SETTINGS_DEFAULTS: dict[str, Any] = dict(
     hidden_index_size=None,              # projection: index images in the hidden set (default: same)
     modules=["faiss"],                   # modules to install from the wheels dataset when missing
     progress=True,
+    limit_test=None,                     # local iteration only: the first N test images (ignored in the rerun)
+    limit_index=None,                    # local iteration only: the first N index images (ignored in the rerun)
 )
 REPORT = "glr_kernel_report.json"
 SUBMISSION = "submission.csv"
@@ -509,6 +511,13 @@ def main(settings: Mapping[str, Any] | None = None, kaggle_root: str | os.PathLi
                                         else ([], 0))
         sample = read_sample(inputs.competition, s["task"])
         phase = detect_phase(len(test_ids), sample)
+        if s["limit_test"] or s["limit_index"]:
+            if phase == "rerun":
+                log.warning("limit_test / limit_index are for local iteration: ignored in the rerun")
+            else:
+                test_ids = test_ids[: s["limit_test"] or None]
+                index_ids = index_ids[: s["limit_index"] or None]
+                log.info("local iteration: limited to %d test and %d index images", len(test_ids), len(index_ids))
         report["counts"] = {"test": len(test_ids), "index": len(index_ids), "test_misplaced": skipped_test,
                             "index_misplaced": skipped_index}
         log.info("phase %s: %d test, %d index images", phase, len(test_ids), len(index_ids))
