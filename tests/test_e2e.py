@@ -108,6 +108,8 @@ def test_quick_demo_on_embedded_data(tmp_path, capsys):
     assert set(cvj["baselines"]) == {"thumbnail", "imagenet"}
     assert cvj["recognition"]["public"]["gap"] is not None
     assert (out / "retrievals.png").exists()
+    html = (out / "report" / "report.html").read_text()  # the demo's CV as one page, with the image grids
+    assert 'src="retrievals_first.png"' in html and (out / "report" / "retrievals_first.png").is_file()
     # an ensemble of two backbones, each in two stages with growing image size and training set
     assert [(s["train_set"], s["image_size"]) for s in cvj["stages"]] == [("clean", 32), ("c2x", 40)] * 2
     assert all(s["cv"]["public"]["map@100"] is not None for s in cvj["stages"])

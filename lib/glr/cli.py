@@ -1,5 +1,5 @@
-"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | cv | score | weights | kernel |
-submit | demo``.
+"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | cv | score | report |
+eval-revisitop | weights | kernel | submit | demo``.
 
 Every subcommand takes a GLDv2-format root (official v2.1 file names or the Kaggle 2021
 layout); bad input ends with a one-line error naming the file and line, exit status 2.
@@ -286,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("--without", nargs="+", default=[], metavar="MODULE",
                     help="hide these modules from site-packages (e.g. faiss: Kaggle's image lacks it)")
     kr.add_argument("--json", action="store_true", help="print the result as JSON")
+    rp = sub.add_parser(
+        "report", help="a CV run's pictures and tables in one HTML file (PNGs beside it)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  glr report --cv submission --data runs/demo/data   # writes submission/report/report.html")
+    rp.add_argument("--cv", required=True, help="a glr cv output folder (cv.json, submission.csv, emb_*.npz)")
+    rp.add_argument("--data", required=True, help="the GLDv2-format root it was run on")
+    rp.add_argument("--out", help="report folder (default CV/report)")
+    rp.add_argument("--title", help="page title")
     rv = sub.add_parser(
         "eval-revisitop", help="Revisited Oxford / Paris: Easy, Medium, Hard mAP and mP@k of a model or ensemble",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -425,6 +433,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.cmd == "kernel":
         return _kernel(args)
+    if args.cmd == "report":
+        from glr.report import write_report
+
+        print(write_report(args.cv, args.data, args.out or str(Path(args.cv) / "report"), title=args.title))
+        return 0
     if args.cmd == "eval-revisitop":
         from pathlib import Path as _P
 

@@ -437,7 +437,7 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         data: a GLDv2-format root instead of the embedded synthetic one.
         out: receives the ensemble's ``submission.csv`` (retrieval),
             ``submission_recognition.csv``, ``cv.json`` (with ``stages`` and ``baselines``
-            entries), ``retrievals.png`` and ``ensemble.yaml``.
+            entries), ``retrievals.png``, ``ensemble.yaml`` and ``report/report.html`` (:func:`glr.report.write_report`).
         work: data, runs and (unless ``weights``) the weights folder.
         quick: tiny data and models (seconds; tests).
         train_args: options applied to every stage (e.g. ``{"epochs": 1}``).
@@ -453,7 +453,7 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         The ensemble's cv.json content.
     """
     from glr.experiment import parse_experiment, run_experiment
-    from glr.report import cv_table, draw_retrievals, stages_table
+    from glr.report import cv_table, draw_retrievals, stages_table, write_report
     from glr.synth import make_synthetic_gldv2
 
     work, out = Path(work), Path(out)
@@ -496,8 +496,9 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
     if root.solution_path("retrieval") is not None:
         try:
             draw_retrievals(root, out, out / "retrievals.png")
+            write_report(out, root, out / "report", title="glr demo: CV of the ensemble")
         except Exception as e:  # a picture must never fail the run
-            log.warning("could not draw retrievals: %s", e)
+            log.warning("could not draw retrievals or write the report: %s", e)
     chosen = [k for k, v in (result.get("postprocess") or {}).items() if k not in ("k", "shortlist") and v]
     rows.append(dict(name=f"ensemble ({len(finals)} models)" + (" + post-processing" if chosen else ""),
                      cv=result))
