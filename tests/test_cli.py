@@ -63,3 +63,16 @@ def test_config_errors(tmp_path):
         _load_config(str(bad))
     unknown = _write(tmp_path / "u.yaml", ["learning_rate: 3"])
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", str(unknown)]) == 2
+
+
+def test_every_subcommand_help_ends_with_an_example(capsys):
+    import argparse
+
+    from glr.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"cv", "kernel", "submit", "report", "eval-revisitop", "demo"} <= set(subs.choices)
+    for name, sub in subs.choices.items():
+        assert "example" in sub.format_help(), name
+    assert "from the demo to a submission" in parser.format_help()

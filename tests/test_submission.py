@@ -281,3 +281,17 @@ def test_read_submission_skips_blank_lines_and_keeps_cells_verbatim(tmp_path):
     assert read_submission(path, "recognition") == [("q1", "12 0.5 "), ("q2", "")]
     with pytest.raises(InputError, match="header must be 'id,images', got 'id,landmarks'"):
         read_submission(path, "retrieval")
+
+
+def test_atomic_write_gives_the_permissions_open_would(tmp_path):
+    import os
+
+    from glr.utils import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "a.csv") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.csv").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600

@@ -112,8 +112,37 @@ def _overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+#: An example per subcommand, shown at the end of its --help (and the walk-through in ``glr --help``).
+EXAMPLES: dict[str, str] = {
+    "synth": "glr synth runs/demo/data --n-landmarks 120",
+    "train": "glr train --data runs/demo/data --out runs/lite0_s1 --backbone efficientnet_lite0 --image-size 96 "
+             "--epochs 6",
+    "experiment": "glr experiment configs/exp010_lite0_seed.yaml --data /data/gldv2 --set devices=4 --set strategy=ddp",
+    "ablate": "glr ablate --data runs/demo/data --config configs/ablate_lite0_synth.yaml --tables 2 3",
+    "weights": "glr weights pack --ensemble configs/ensembles/seed_plus_henkel.yaml --out runs/pack --id me/glr-weights",
+    "cv": "glr cv --data runs/demo/data --ensemble submission/ensemble.yaml --sweep default --out runs/cv",
+    "score": "glr score --task retrieval --solution retrieval_solution_v2.1.csv --submission submission.csv",
+    "demo": "glr demo            # synth → train → CV → report → kernel, about 15 min on 2 CPU cores",
+    "embed": "glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split index --out emb_index.npz "
+             "--devices 4 --strategy ddp",
+    "kernel": "glr kernel build --ensemble submission/ensemble.yaml --out kernels/my --kernel-id me/glr-my-kernel "
+              "--weights-dataset me/glr-my-weights",
+    "submit": "glr submit kernel push --kernel kernels/my",
+}
+_WALKTHROUGH = """from the demo to a submission:
+  glr demo                                              # everything on the embedded data
+  glr experiment configs/exp010_lite0_seed.yaml --data /data/gldv2     # staged training on GLDv2
+  glr cv --data /data/gldv2 --ensemble configs/ensembles/seed_plus_henkel.yaml --sweep configs/postprocess/sweep_gldv2.yaml
+  glr report --cv submission --data /data/gldv2         # the CV as one HTML page
+  glr kernel build --ensemble … --post submission/postprocess.yaml --out kernels/my --kernel-id me/glr-my-kernel \\
+      --weights-dataset me/glr-my-weights && glr kernel run --data /data/gldv2 --kernel kernels/my
+  glr submit dataset --folder kernels/my/weights && glr submit kernel push --kernel kernels/my
+each command's --help ends with an example."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="glr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=_WALKTHROUGH)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -310,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     from glr.submit import add_submit_parser
 
     add_submit_parser(sub)  # glr submit: datasets, kernels and submissions through the kaggle client
+    for name, example in EXAMPLES.items():
+        parser = sub.choices[name]
+        if not parser.epilog:
+            parser.formatter_class = argparse.RawDescriptionHelpFormatter
+            parser.epilog = f"example:\n  {example}"
     return p
 
 

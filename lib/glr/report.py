@@ -517,7 +517,7 @@ def draw_stage_scores(cv_json: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.set_xlabel("mAP@100")
         ax.set_xlim(0, min(1.0, max(r[s] or 0 for r in rows for s in subsets) * 1.15 + 0.02))
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("retrieval mAP@100 per stage" + (" (hatched: sweep step not kept)"
+    ax.set_title("retrieval mAP@100 per stage" + ("\n(hatched: a sweep step not kept)"
                                                  if any(r["kept"] is False for r in rows) else ""))
     fig.tight_layout()
     return _save_figure(fig, path)
