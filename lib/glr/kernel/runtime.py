@@ -482,10 +482,23 @@ def _settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def main(settings: Mapping[str, Any] | None = None, kaggle_root: str | os.PathLike | None = None) -> int:
-    """Run the kernel; returns the exit status (see the module docstring)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Run the kernel; returns the exit status (see the module docstring). Logs to stdout with
+    timestamps while it runs; the root logger's handlers are put back afterwards."""
+    root_logger = logging.getLogger()
+    saved = root_logger.handlers[:], root_logger.level
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    root_logger.handlers[:] = [handler]
+    root_logger.setLevel(logging.INFO)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        return _main(settings, kaggle_root)
+    finally:
+        root_logger.handlers[:] = saved[0]
+        root_logger.setLevel(saved[1])
+
+
+def _main(settings: Mapping[str, Any] | None, kaggle_root: str | os.PathLike | None) -> int:
     if not sys.stderr.isatty():  # Kaggle's log: a progress line every 20 s, not every update
         os.environ.setdefault("TQDM_MININTERVAL", "20")
     timer = StepTimer()
