@@ -128,6 +128,9 @@ EXAMPLES: dict[str, str] = {
     "kernel": "glr kernel build --ensemble submission/ensemble.yaml --out kernels/my --kernel-id me/glr-my-kernel "
               "--weights-dataset me/glr-my-weights",
     "submit": "glr submit kernel push --kernel kernels/my",
+    "report": "glr report --cv submission --data runs/demo/data   # writes submission/report/report.html",
+    "eval-revisitop": "glr eval-revisitop --data data/roxford5k --model weights/exp010/s4.pt\n"
+                      "  (revisitop's layout, downloaded by you: DIR/jpg/*.jpg and DIR/gnd_roxford5k.pkl)",
 }
 _WALKTHROUGH = """from the demo to a submission:
   glr demo                                              # everything on the embedded data
@@ -315,19 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     kr.add_argument("--without", nargs="+", default=[], metavar="MODULE",
                     help="hide these modules from site-packages (e.g. faiss: Kaggle's image lacks it)")
     kr.add_argument("--json", action="store_true", help="print the result as JSON")
-    rp = sub.add_parser(
-        "report", help="a CV run's pictures and tables in one HTML file (PNGs beside it)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  glr report --cv submission --data runs/demo/data   # writes submission/report/report.html")
+    rp = sub.add_parser("report", help="a CV run's pictures and tables in one HTML file (PNGs beside it)")
     rp.add_argument("--cv", required=True, help="a glr cv output folder (cv.json, submission.csv, emb_*.npz)")
     rp.add_argument("--data", required=True, help="the GLDv2-format root it was run on")
     rp.add_argument("--out", help="report folder (default CV/report)")
     rp.add_argument("--title", help="page title")
-    rv = sub.add_parser(
-        "eval-revisitop", help="Revisited Oxford / Paris: Easy, Medium, Hard mAP and mP@k of a model or ensemble",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example (revisitop's layout: DIR/jpg/*.jpg and DIR/gnd_roxford5k.pkl, downloaded by you):\n"
-               "  glr eval-revisitop --data data/roxford5k --model weights/exp010/s4.pt")
+    rv = sub.add_parser("eval-revisitop",
+                        help="Revisited Oxford / Paris: Easy, Medium, Hard mAP and mP@k of a model or ensemble")
     rv.add_argument("--data", required=True, help="dataset folder holding jpg/ and gnd_<name>.pkl")
     rv.add_argument("--gnd", help="ground-truth pickle (default: the gnd_*.pkl in --data)")
     rv.add_argument("--model", nargs="+", help="model artifact(s); several are an ensemble")
