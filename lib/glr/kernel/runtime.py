@@ -334,8 +334,8 @@ def _environment() -> dict[str, Any]:
 
 
 def embed_ensemble(settings: Mapping[str, Any], weights: Path, comp: Path,
-                   splits: Mapping[str, Sequence[str]], timer: StepTimer,
-                   skip: Mapping[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                   splits: Mapping[str, Sequence[str]], timer: StepTimer
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every member's embeddings of every split, combined as the ensemble says.
 
     Returns:
