@@ -360,7 +360,7 @@ def _read_rows(path: Path, task: str, strict: bool) -> list[tuple[int, tuple[str
     except UnicodeDecodeError as e:
         raise InputError(f"not UTF-8 text: {e}", path) from None
     except csv.Error as e:
-        raise InputError(f"malformed CSV: {e}", path) from None
+        raise InputError(f"malformed CSV: {e}", path, start) from None
     return rows
 
 
