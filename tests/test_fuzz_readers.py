@@ -112,6 +112,33 @@ DATA_CORRUPTIONS = ["none", "drop_column", "blank_lines", "nan_id", "empty_id", 
                     "duplicate_row", "add_field", "remove_field", "bad_landmark"]
 
 
+def structural(draw, corruption: str, header: list[str], rows: list, k: int, key: int,
+               required: list[str], lm: int | None = None) -> tuple[list[str], list, int | None] | None:
+    """The corruptions every headed file shares, on row ``k`` (line k + 2): a dropped required
+    column (error at line 1), blank lines (legal), a repeated row (error at the second copy of its
+    ``key`` column), a field added or removed (error at that row) and, with ``lm``, a bad landmark
+    id (error at that row). Returns ``(header, rows, error_line)``, None for any other corruption."""
+    line = k + 2
+    if corruption == "drop_column":
+        gone = draw(st.sampled_from(required))
+        return [h for h in header if h != gone], rows, 1
+    if corruption == "blank_lines":
+        return header, insert_blank_lines(draw, rows)[0], None
+    if corruption == "duplicate_row":
+        rows.insert(draw(st.integers(0, len(rows))), list(rows[k]))
+        return header, rows, first_repeat([r[key] for r in rows]) + 2
+    if corruption == "add_field":
+        rows[k].insert(draw(st.integers(0, len(rows[k]))), "extra")
+        return header, rows, line
+    if corruption == "remove_field" and len(rows[k]) > 1:
+        del rows[k][draw(st.integers(0, len(rows[k]) - 1))]
+        return header, rows, line
+    if corruption == "bad_landmark" and lm is not None:
+        rows[k][lm] = draw(st.sampled_from(BAD_LANDMARK))
+        return header, rows, line
+    return None
+
+
 @st.composite
 def train_file(draw):
     """(header, rows, column of id, column of landmark_id) of a valid train.csv."""
@@ -141,12 +168,9 @@ def test_read_train_fuzz(fuzz_dir, spec, corruption, draw):
     line = k + 2
     rows = [list(r) for r in rows]
     error_line: int | None = None
-    if corruption == "drop_column":
-        gone = draw(st.sampled_from(["id", "landmark_id"]))
-        header = [h for h in header if h != gone]
-        error_line = 1
-    elif corruption == "blank_lines":
-        rows, _ = insert_blank_lines(draw, rows)
+    shared = structural(draw, corruption, header, rows, k, i_id, ["id", "landmark_id"], i_lm)
+    if shared is not None:
+        header, rows, error_line = shared
     elif corruption == "nan_id":
         rows[k][i_id] = draw(st.sampled_from(NAN_LIKE))  # a legal, exact-string id
         expected[k] = (rows[k][i_id], expected[k][1])
@@ -156,19 +180,6 @@ def test_read_train_fuzz(fuzz_dir, spec, corruption, draw):
     elif corruption == "space_id":
         rows[k][i_id] = draw(st.sampled_from([" ", " " + rows[k][i_id], rows[k][i_id] + " ", "a b",
                                                "a/b", "..\\x", "a\tb"]))
-        error_line = line
-    elif corruption == "duplicate_row":
-        at = draw(st.integers(0, len(rows)))
-        rows.insert(at, list(rows[k]))
-        error_line = first_repeat([r[i_id] for r in rows]) + 2
-    elif corruption == "add_field":
-        rows[k].insert(draw(st.integers(0, len(rows[k]))), "extra")
-        error_line = line
-    elif corruption == "remove_field":
-        del rows[k][draw(st.integers(0, len(rows[k]) - 1))]
-        error_line = line
-    elif corruption == "bad_landmark":
-        rows[k][i_lm] = draw(st.sampled_from(BAD_LANDMARK))
         error_line = line
     path = write_lines(fuzz_dir, "train.csv", render(header, rows))
     if error_line is None:
@@ -202,11 +213,9 @@ def test_read_ids_fuzz(fuzz_dir, spec, corruption, draw):
     line = k + 2
     rows = [list(r) for r in rows]
     error_line: int | None = None
-    if corruption == "drop_column":
-        header = [h for h in header if h != "id"]
-        error_line = 1
-    elif corruption == "blank_lines":
-        rows, _ = insert_blank_lines(draw, rows)
+    shared = structural(draw, corruption, header, rows, k, i_id, ["id"])
+    if shared is not None:
+        header, rows, error_line = shared
     elif corruption == "nan_id":
         rows[k][i_id] = expected[k] = draw(st.sampled_from(NAN_LIKE))
     elif corruption == "empty_id":
@@ -216,20 +225,10 @@ def test_read_ids_fuzz(fuzz_dir, spec, corruption, draw):
         rows[k][i_id] = draw(st.sampled_from([" ", " " + rows[k][i_id], rows[k][i_id] + " ", "a b",
                                                "a/b", "a\\b"]))
         error_line = line
-    elif corruption == "duplicate_row":
-        rows.insert(draw(st.integers(0, len(rows))), list(rows[k]))
-        error_line = first_repeat([r[i_id] for r in rows]) + 2
-    elif corruption == "add_field":
-        rows[k].insert(draw(st.integers(0, len(rows[k]))), "extra")
-        error_line = line
     elif corruption == "remove_field":
-        if len(rows[k]) == 1:
-            # a one-column row without its field is a blank line, skipped like any other
-            rows[k] = None
-            del expected[k]
-        else:
-            del rows[k][draw(st.integers(0, len(rows[k]) - 1))]
-            error_line = line
+        # a one-column row without its field is a blank line, skipped like any other
+        rows[k] = None
+        del expected[k]
     # "bad_landmark": no landmark column, the file is unchanged
     path = write_lines(fuzz_dir, "index.csv", render(header, rows))
     if error_line is None:
@@ -265,12 +264,9 @@ def test_read_train_clean_fuzz(fuzz_dir, spec, corruption, draw):
     k = draw(st.integers(0, len(rows) - 1))
     line = k + 2
     error_line: int | None = None
-    if corruption == "drop_column":
-        gone = draw(st.sampled_from(header))
-        header = [h for h in header if h != gone]
-        error_line = 1
-    elif corruption == "blank_lines":
-        rows, _ = insert_blank_lines(draw, rows)
+    shared = structural(draw, corruption, header, rows, k, 0, header, 0)
+    if shared is not None:
+        header, rows, error_line = shared
     elif corruption == "nan_id":
         j = draw(st.integers(0, len(groups[k]) - 1))
         new = list(groups[k])
@@ -279,19 +275,6 @@ def test_read_train_clean_fuzz(fuzz_dir, spec, corruption, draw):
         expected[landmarks[k]] = new
     elif corruption in ("space_id", "empty_id"):
         rows[k][1] = rows[k][1] + " a/b"
-        error_line = line
-    elif corruption == "duplicate_row":
-        at = draw(st.integers(0, len(rows)))
-        rows.insert(at, list(rows[k]))
-        error_line = first_repeat([r[0] for r in rows]) + 2
-    elif corruption == "add_field":
-        rows[k].insert(draw(st.integers(0, 2)), "extra")
-        error_line = line
-    elif corruption == "remove_field":
-        del rows[k][draw(st.integers(0, 1))]
-        error_line = line
-    elif corruption == "bad_landmark":
-        rows[k][0] = draw(st.sampled_from(BAD_LANDMARK))
         error_line = line
     elif corruption == "shared_image":  # one image under two landmarks
         assume(len(rows) > 1)
@@ -323,29 +306,14 @@ def test_read_label_table_fuzz(fuzz_dir, table, corruption, draw):
     assert data.read_label_table(path) == expected  # commas, quotes, unicode round-trip
 
     k = draw(st.integers(0, len(rows) - 1))
-    line = k + 2
-    error_line: int | None = None
-    if corruption == "drop_column":
-        gone = draw(st.sampled_from(header))
-        header = [h for h in header if h != gone]
-        error_line = 1
-    elif corruption == "blank_lines":
-        rows, _ = insert_blank_lines(draw, rows)
-    elif corruption in ("nan_id", "empty_id", "space_id"):  # values are free text: kept verbatim
-        rows[k][1] = draw(st.sampled_from(NAN_LIKE + ["", " "]))
-        expected[table[k][0]] = rows[k][1]
-    elif corruption == "duplicate_row":
-        rows.insert(draw(st.integers(0, len(rows))), list(rows[k]))
-        error_line = first_repeat([r[0] for r in rows]) + 2
-    elif corruption == "add_field":
-        rows[k].insert(draw(st.integers(0, 2)), "extra")
-        error_line = line
-    elif corruption == "remove_field":
-        del rows[k][draw(st.integers(0, 1))]
-        error_line = line
-    elif corruption == "bad_landmark":
-        rows[k][0] = draw(st.sampled_from(BAD_LANDMARK))
-        error_line = line
+    shared = structural(draw, corruption, header, rows, k, 0, header, 0)
+    if shared is not None:
+        header, rows, error_line = shared
+    else:
+        error_line = None
+        if corruption in ("nan_id", "empty_id", "space_id"):  # values are free text: kept verbatim
+            rows[k][1] = draw(st.sampled_from(NAN_LIKE + ["", " "]))
+            expected[table[k][0]] = rows[k][1]
     path = write_lines(fuzz_dir, "label.csv", render(header, rows))
     if error_line is None:
         assert data.read_label_table(path) == expected
