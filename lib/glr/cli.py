@@ -470,8 +470,6 @@ def _run(args: argparse.Namespace) -> int:
         print(write_report(args.cv, args.data, args.out or str(Path(args.cv) / "report"), title=args.title))
         return 0
     if args.cmd == "eval-revisitop":
-        from pathlib import Path as _P
-
         from glr import revisitop
 
         artifacts = list(args.model or [])
@@ -483,7 +481,7 @@ def _run(args: argparse.Namespace) -> int:
             raise InputError("--model ARTIFACT (or --ensemble FILE) is needed")
         gnd = args.gnd
         if gnd is None:
-            found = sorted(_P(args.data).glob("gnd_*.pkl"))
+            found = sorted(Path(args.data).glob("gnd_*.pkl"))
             if len(found) != 1:
                 raise InputError(f"expected one gnd_*.pkl in the folder, found {len(found)} (pass --gnd)", args.data)
             gnd = found[0]

@@ -118,13 +118,13 @@ def embed_images(net: nn.Module, root: str | os.PathLike, split: str, ids: Seque
     views, ok = [], np.ones(len(ids), bool)
     if not ids:
         return np.zeros((0, 0), np.float32), ok
+    device_ = torch.device(device) if device is not None else default_device()
     for s in scales:
         size = max(8, int(round(image_size * s)))
         transform = make_transforms(size, train=False, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
         ds: Dataset = ImageDataset(root, split, list(ids), transform=transform)
         if skip_unreadable:
             ds = SafeImages(ds, size)
-        device_ = torch.device(device) if device is not None else default_device()
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             pin_memory=device_.type == "cuda")
         desc = f"embed {split}" + (f" @{size}" if len(scales) > 1 else "")

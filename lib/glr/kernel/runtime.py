@@ -275,16 +275,15 @@ def write_fallback(out: Path, task: str, test_ids: Sequence[str], sample: Mappin
     """Write the fallback submission: one row per test id (the sample's cell when it has the
     id and the cell is valid, else empty); the sample's rows when no test image was listed.
     Returns the number of rows."""
-    from glr.submission import validate_submission, write_submission  # noqa: PLC0415
+    from glr.submission import write_submission  # noqa: PLC0415
     from glr.utils import InputError  # noqa: PLC0415
 
     sample = dict(sample or {})
     rows = [(i, sample.get(i, "")) for i in test_ids] if test_ids else list(sample.items())
     try:
-        validate_submission(rows, task)
+        write_submission(out, rows, task)  # validates before writing anything
     except InputError:
-        rows = [(i, "") for i, _ in rows]
-    write_submission(out, rows, task)
+        write_submission(out, [(i, "") for i, _ in rows], task)
     return len(rows)
 
 
@@ -405,7 +404,8 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
             index_ids: Sequence[str], timer: StepTimer) -> dict[str, Any]:
     """Embed, search, post-process and write ``out`` (validated, atomically). Returns counts."""
     from glr.data import image_path  # noqa: PLC0415
-    from glr.postprocess.steps import STEP_NEEDS, GraphCache, normalize_config, retrieve, train_context  # noqa
+    from glr.postprocess.steps import (STEP_NEEDS, Context, GraphCache, normalize_config,  # noqa: PLC0415
+                                       retrieve, train_context)
     from glr.search import knn  # noqa: PLC0415
     from glr.submission import (recognition_predictions, recognition_rows, retrieval_rows,  # noqa: PLC0415
                                 write_submission)
@@ -428,8 +428,6 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
         t_emb, t_ok = (train_emb, np.ones(len(train_ids), bool)) if train_emb is not None else (emb["train"], ok["train"])
         ctx = train_context(t_emb[t_ok], np.asarray(train_lm)[t_ok], _countries(comp, weights))
     else:
-        from glr.postprocess.steps import Context  # noqa: PLC0415
-
         ctx = Context()
     q_keep = np.flatnonzero(ok["test"])
     q_ids = [test_ids[i] for i in q_keep]
@@ -473,7 +471,7 @@ def _settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
     extra = os.environ.get("GLR_KERNEL_SETTINGS")  # local runs override settings without a rebuild
     if extra:
         s.update(json.loads(extra))
-    unknown = sorted(set(s) - set(SETTINGS_DEFAULTS) - {"glr_version", "built", "source"})
+    unknown = sorted(set(s) - set(SETTINGS_DEFAULTS) - {"glr_version", "built"})
     if unknown:
         raise ValueError(f"unknown kernel setting(s): {', '.join(unknown)}")
     if s["task"] not in ("retrieval", "recognition"):
