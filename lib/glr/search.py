@@ -12,6 +12,12 @@ running top-k that is merged with the top-k of every database chunk, as faiss
 ``contrib/exhaustive_search.py::knn_ground_truth`` does. Default chunk sizes keep one
 chunk's similarity block (and the temporaries of its top-k) under about 256 MB.
 
+Either side may also be a lazy row source (:class:`glr.shards.ShardedEmbeddings`, a sharded
+store on disk, or :class:`glr.shards.ArrayRows` / :class:`~glr.shards.ConcatRows`): the database
+is then read one shard at a time, each searched by every query block with the backend above,
+and the per-shard top-k merged, so only one shard is in memory (rows flagged not ``ok``, the
+unreadable images, are never returned).
+
 Results follow the package vocabulary: ``S`` float32 (Nq, k') similarities and ``I`` int64
 (Nq, k') database row indices, best first, with ``k' = min(k, Ndb)``.
 """
@@ -166,8 +172,9 @@ def knn(
     """Exact top-k by inner product of every query against the database.
 
     Args:
-        q: (Nq, D) queries; cast to C-contiguous float32 (a copy only when needed).
-        db: (Ndb, D) database.
+        q: (Nq, D) queries; cast to C-contiguous float32 (a copy only when needed); or a lazy
+            row source (see the module docstring).
+        db: (Ndb, D) database, or a lazy row source (a sharded store: streamed shard by shard).
         k: neighbours wanted per query (>= 1); clipped to Ndb.
         backend: ``"auto"``, ``"faiss"``, ``"torch"`` or ``"numpy"`` (see :func:`resolve_backend`).
         use_gpu: True forces the GPU (error if the backend has none), False forces the CPU,
@@ -185,18 +192,29 @@ def knn(
         ValueError: bad shapes, dimensions, k, batch sizes, NaN/inf values or backend.
         RuntimeError: ``use_gpu=True`` and the backend has no GPU.
     """
-    q, db, k = _validate(q, db, k)
+    from glr.shards import is_rows  # noqa: PLC0415
+
     name = resolve_backend(backend, use_gpu)
     if query_batch is not None:
         query_batch = _as_positive_int(query_batch, "query_batch")
     if db_batch is not None:
         db_batch = _as_positive_int(db_batch, "db_batch")
+    if is_rows(q) or is_rows(db):
+        return _knn_rows(q, db, _as_positive_int(k, "k"), name, use_gpu, query_batch, db_batch, progress)
+    q, db, k = _validate(q, db, k)
     nq, ndb = q.shape[0], db.shape[0]
     kk = min(k, ndb)
     if nq == 0 or kk == 0:
         return np.zeros((nq, kk), np.float32), np.zeros((nq, kk), np.int64)
+    log.info("knn: backend=%s nq=%d ndb=%d d=%d k=%d", name, nq, ndb, q.shape[1], kk)
+    return _knn_arrays(q, db, kk, name, use_gpu, query_batch, db_batch, progress)
+
+
+def _knn_arrays(q: np.ndarray, db: np.ndarray, kk: int, name: str, use_gpu: bool | None,
+                query_batch: int | None, db_batch: int | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn` on validated arrays with ``1 <= kk <= len(db)`` and a resolved backend."""
+    nq, ndb = q.shape[0], db.shape[0]
     qb = query_batch or min(nq, DEFAULT_QUERY_BATCH[name])
-    log.info("knn: backend=%s nq=%d ndb=%d d=%d k=%d query_batch=%d", name, nq, ndb, q.shape[1], kk, qb)
     if name == "faiss":
         if db_batch is not None:
             log.debug("knn: db_batch is ignored by the faiss backend")
@@ -206,6 +224,47 @@ def knn(
     if name == "torch":
         return _knn_torch(q, db, kk, use_gpu, qb, dbb, progress)
     return _knn_numpy(q, db, kk, qb, dbb, progress)
+
+
+def _knn_rows(q: Any, db: Any, k: int, name: str, use_gpu: bool | None, query_batch: int | None,
+              db_batch: int | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn` over lazy row sources: database blocks outside, query blocks inside, running top-k."""
+    from glr.shards import as_rows  # noqa: PLC0415
+
+    q, db = as_rows(q), as_rows(db)
+    if len(q) and len(db) and q.shape[1] != db.shape[1]:
+        raise ValueError(f"q and db must have the same dimension D, got q {q.shape} and db {db.shape}")
+    nq = len(q)
+    kk = min(k, int(np.count_nonzero(db.ok)))
+    S = np.full((nq, kk), -np.inf, np.float32)
+    I = np.full((nq, kk), -1, np.int64)
+    if nq == 0 or kk == 0:
+        return S, I
+    log.info("knn: backend=%s nq=%d ndb=%d d=%d k=%d, streamed over database blocks", name, nq, len(db),
+             db.shape[1], kk)
+    bar = _progress(len(db), progress, f"knn[{name}, streamed]", unit="row")
+    try:
+        for c, block in db.blocks():
+            rows = np.flatnonzero(db.ok[c:c + len(block)])
+            if len(rows):
+                sub = _as_matrix(block if len(rows) == len(block) else block[rows], "db")
+                for a, qblock in q.blocks():
+                    qblock = _as_matrix(qblock, "q")
+                    s, i = _knn_arrays(qblock, sub, min(kk, len(sub)), name, use_gpu, query_batch, db_batch,
+                                       False)
+                    b = a + len(qblock)
+                    cand_s = np.concatenate([S[a:b], s], axis=1)
+                    cand_i = np.concatenate([I[a:b], rows[i] + c], axis=1)
+                    # stable: among equal similarities the earlier (lower) database row stays first
+                    order = np.argsort(-cand_s, axis=1, kind="stable")[:, :kk]
+                    S[a:b] = np.take_along_axis(cand_s, order, 1)
+                    I[a:b] = np.take_along_axis(cand_i, order, 1)
+            if bar is not None:
+                bar.update(len(block))
+    finally:
+        if bar is not None:
+            bar.close()
+    return S, I
 
 
 # --------------------------------------------------------------------------- faiss

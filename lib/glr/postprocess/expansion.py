@@ -24,13 +24,15 @@ searches once.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from glr.search import _as_matrix as _matrix
 from glr.search import knn
+from glr.shards import ConcatRows, as_rows, is_rows
 
 log = logging.getLogger(__name__)
 
@@ -142,26 +144,59 @@ def _check_graph(S: np.ndarray, I: np.ndarray, rows: int, k: int, n_db: int, nam
     return S[:, :k].astype(np.float32), I[:, :k].astype(np.int64)
 
 
-def _weighted_sum(base: np.ndarray | None, S: np.ndarray, I: np.ndarray, pool: np.ndarray,
-                  alpha: float) -> np.ndarray:
+def _weighted_block(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: float, a: int, b: int) -> np.ndarray:
+    """Rows ``a:b`` of ``normalise(base[i] + Σ_j max(S[i,j],0)^α pool[I[i,j]])`` (``base`` may be None);
+    ``base`` and ``pool`` are arrays or lazy row sources (:mod:`glr.shards`)."""
+    w = np.power(np.maximum(S[a:b], 0.0), np.float32(alpha)).astype(np.float32)
+    nbrs = pool.take(I[a:b]) if is_rows(pool) else pool[I[a:b]]
+    acc = np.einsum("rk,rkd->rd", w, nbrs, dtype=np.float32)
+    if base is not None:
+        acc += base.take(np.arange(a, b)) if is_rows(base) else base[a:b]
+    return l2_normalize(acc)
+
+
+def _gather_step(k: int, d: int) -> int:
+    return max(1, GATHER_BYTES // max(1, 4 * k * d))
+
+
+def _weighted_sum(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: float) -> np.ndarray:
     """Rows ``normalise(base[i] + Σ_j max(S[i,j],0)^α pool[I[i,j]])`` (``base`` may be None), in blocks."""
     n, k = I.shape
     d = pool.shape[1]
     out = np.empty((n, d), np.float32)
-    step = max(1, GATHER_BYTES // max(1, 4 * k * d))
+    step = _gather_step(k, d)
     for a in range(0, n, step):
         b = min(n, a + step)
-        w = np.power(np.maximum(S[a:b], 0.0), np.float32(alpha)).astype(np.float32)
-        acc = np.einsum("rk,rkd->rd", w, pool[I[a:b]], dtype=np.float32)
-        if base is not None:
-            acc += base[a:b]
-        out[a:b] = acc
-    return l2_normalize(out)
+        out[a:b] = _weighted_block(base, S, I, pool, alpha, a, b)
+    return out
+
+
+def _weighted_store(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: float, like: Any,
+                    out: str | os.PathLike, what: str) -> Any:
+    """:func:`_weighted_sum` written shard by shard into a new store at ``out`` with ``like``'s
+    ids, shard size and dtype (a :class:`~glr.shards.ShardedEmbeddings`); its unreadable rows
+    stay zero and flagged. Returns the new store, opened."""
+    from glr.shards import ShardedEmbeddings, create_store, write_shard  # noqa: PLC0415
+
+    if not isinstance(like, ShardedEmbeddings):
+        raise ValueError(f"{what}: out= needs the database as a sharded store (glr.shards.ShardedEmbeddings)")
+    info = {**like.info, "postprocess": [*like.info.get("postprocess", []), what]}
+    manifest = create_store(out, like.ids, like.dim, like.dtype, like.shard_size, info, resume=False)
+    step = _gather_step(I.shape[1], like.dim)
+    for s in range(manifest["num_shards"]):
+        a = s * like.shard_size
+        b = min(len(like), a + like.shard_size)
+        rows = np.concatenate([_weighted_block(base, S, I, pool, alpha, c, min(b, c + step))
+                               for c in range(a, b, step)]) if b > a else np.zeros((0, like.dim), np.float32)
+        rows[~like.ok[a:b]] = 0.0
+        failed = {like.ids[r]: like.failed.get(like.ids[r], "unreadable") for r in range(a, b) if not like.ok[r]}
+        write_shard(out, manifest, like.ids, s, rows, failed)
+    return ShardedEmbeddings.open(out)
 
 
 def qe_dba_joint(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 3.0, qe: bool = True,
                  dba: bool = False, graph: tuple[np.ndarray, np.ndarray] | None = None,
-                 backend: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                 backend: str = "auto", out: str | os.PathLike | None = None) -> tuple[np.ndarray, Any]:
     """αQE and/or DBA in the joint Kaggle form (GLDV2_SPEC §5.1).
 
     ``A = concat(q, db)``; each row of ``A`` becomes ``normalise(Σ_{j<k} max(s_ij,0)^α A[n_ij])``
@@ -175,21 +210,27 @@ def qe_dba_joint(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 3.0,
         graph: precomputed ``(S, I)`` kNN of ``A`` against ``A`` with ≥ k columns
             (best first); only the first k are used.
         backend: kNN backend when ``graph`` is None (see :func:`glr.search.knn`).
+        out: with ``db`` a sharded store (:class:`glr.shards.ShardedEmbeddings`), ``db'`` is
+            written as a new store in this folder, one shard at a time, and returned opened;
+            ``db`` is then never loaded whole (the graph is searched shard by shard too).
 
     Returns:
-        ``(q', db')`` float32; the side not asked for is returned unchanged.
+        ``(q', db')`` float32 (``db'`` a store with ``out``); the side not asked for is returned
+        unchanged.
 
     Raises:
         ValueError: ``qe`` and ``dba`` both False (as the reference), bad shapes or k.
     """
     if not (qe or dba):
         raise ValueError("qe_dba_joint: at least one of qe and dba must be True")
-    q, db = _matrix(q, "q"), _matrix(db, "db")
+    q = _matrix(q, "q")
+    lazy = is_rows(db)
+    db = as_rows(db) if lazy else _matrix(db, "db")
     if q.shape[1] != db.shape[1]:
         raise ValueError(f"q is {q.shape[1]}-d but db is {db.shape[1]}-d")
     if isinstance(k, bool) or int(k) != k or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    A = np.concatenate([q, db])
+    A = ConcatRows([q, db]) if lazy else np.concatenate([q, db])
     k = min(int(k), len(A))
     if graph is None:
         S, I = knn(A, A, k, backend=backend)
@@ -197,8 +238,11 @@ def qe_dba_joint(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 3.0,
         S, I = _check_graph(*graph, rows=len(A), k=k, n_db=len(A), name="graph")
     nq = len(q)
     new_q = _weighted_sum(None, S[:nq, :k], I[:nq, :k], A, alpha) if qe else q
-    new_db = _weighted_sum(None, S[nq:, :k], I[nq:, :k], A, alpha) if dba else db
-    return new_q, new_db
+    if not dba:
+        return new_q, db
+    if out is not None:
+        return new_q, _weighted_store(None, S[nq:, :k], I[nq:, :k], A, alpha, db, out, f"joint qe/dba k={k}")
+    return new_q, _weighted_sum(None, S[nq:, :k], I[nq:, :k], A, alpha)
 
 
 def alpha_qe(q: np.ndarray, db: np.ndarray, n: int = 2, alpha: float = 3.0,
@@ -206,14 +250,16 @@ def alpha_qe(q: np.ndarray, db: np.ndarray, n: int = 2, alpha: float = 3.0,
     """Classic αQE (GLDV2_SPEC §5.2): ``q' = normalise(q + Σ_{j≤n} max(q·x_j,0)^α x_j)``.
 
     Args:
-        q: (Nq, D) queries; db: (Ndb, D) database (after αDBA if used).
+        q: (Nq, D) queries; db: (Ndb, D) database (after αDBA if used), or a sharded store
+            (searched and gathered shard by shard).
         n: database neighbours added (0 returns ``q`` normalised).
         graph: precomputed ``(S, I)`` of ``q`` against ``db`` with ≥ n columns.
 
     Returns:
         (Nq, D) float32 expanded queries.
     """
-    q, db = _matrix(q, "q"), _matrix(db, "db")
+    q = _matrix(q, "q")
+    db = as_rows(db) if is_rows(db) else _matrix(db, "db")
     if isinstance(n, bool) or int(n) != n or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     n = min(int(n), len(db))
@@ -224,8 +270,9 @@ def alpha_qe(q: np.ndarray, db: np.ndarray, n: int = 2, alpha: float = 3.0,
     return _weighted_sum(q, S[:, :n], I[:, :n], db, alpha)
 
 
-def alpha_dba(db: np.ndarray, n: int = 10, alpha: float = 3.0,
-              graph: tuple[np.ndarray, np.ndarray] | None = None, backend: str = "auto") -> np.ndarray:
+def alpha_dba(db: Any, n: int = 10, alpha: float = 3.0,
+              graph: tuple[np.ndarray, np.ndarray] | None = None, backend: str = "auto",
+              out: str | os.PathLike | None = None) -> Any:
     """Classic αDBA (GLDV2_SPEC §5.2): ``x' = normalise(x + Σ_{j≤n} max(x·x_j,0)^α x_j)`` over
     the ``n`` nearest *other* database vectors (the row itself is removed by index, wherever
     ties put it).
@@ -234,21 +281,29 @@ def alpha_dba(db: np.ndarray, n: int = 10, alpha: float = 3.0,
         db: (Ndb, D) database.
         n: other neighbours added per row.
         graph: precomputed ``(S, I)`` of ``db`` against itself with ≥ n + 1 columns.
+        out: with ``db`` a sharded store, write the result as a new store here, one shard
+            at a time, and return it opened (``db`` is never loaded whole).
 
     Returns:
-        (Ndb, D) float32.
+        (Ndb, D) float32, or the new store with ``out``.
     """
-    db = _matrix(db, "db")
+    lazy = is_rows(db)
+    db = as_rows(db) if lazy else _matrix(db, "db")
     if isinstance(n, bool) or int(n) != n or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
     n = min(int(n), len(db) - 1)
-    if n <= 0:
+    if n <= 0 and not lazy:
         return l2_normalize(db)
-    if graph is None:
+    if n <= 0:
+        S, I = np.zeros((len(db), 0), np.float32), np.zeros((len(db), 0), np.int64)
+    elif graph is None:
         S, I = knn(db, db, n + 1, backend=backend)
     else:
         S, I = _check_graph(*graph, rows=len(db), k=n + 1, n_db=len(db), name="graph")
-    S, I = _drop_self(S[:, : n + 1], I[:, : n + 1], n)
+    if n > 0:
+        S, I = _drop_self(S[:, : n + 1], I[:, : n + 1], n)
+    if out is not None:
+        return _weighted_store(db, S, I, db, alpha, db, out, f"alpha_dba n={n} alpha={alpha}")
     return _weighted_sum(db, S, I, db, alpha)
 
 
