@@ -279,3 +279,59 @@ def test_extract_shards_checks_what_the_embedder_returns(tmp_path):
     assert not list((tmp_path / "s").glob("shard_*"))
     with open(tmp_path / "s" / "manifest.json") as f:
         assert json.load(f)["rows"] == 2
+
+
+# --------------------------------------------------------------------------- glr search
+def test_glr_search_over_stores_equals_the_in_memory_search(tiny, reference, tmp_path, capsys):
+    from glr.embeddings import save_embeddings
+    from glr.postprocess.expansion import qe_dba_joint as joint
+    from glr.submission import read_submission, retrieval_rows, validate_submission_file
+
+    index = tmp_path / "emb_index"
+    embed_to_shards(tiny["art"], tiny["root"], "index", index, shard_size=5, dtype="float32", batch_size=4,
+                    num_workers=0, progress=False)
+    q_store, db_store = ShardedEmbeddings.open(reference["path"]), ShardedEmbeddings.open(index)
+    q, db = q_store.to_array(), db_store.to_array()
+    out = tmp_path / "sub.csv"
+    args = ["search", "--query", str(reference["path"]), "--index", str(index), "--out", str(out), "--k", "5",
+            "--backend", "numpy"]
+    assert main(args) == 0
+    assert "49 queries against 12 index images" in capsys.readouterr().out
+    want = retrieval_rows(q_store.ids, db_store.ids, knn(q, db, 5, backend="numpy")[1])
+    assert read_submission(out, "retrieval") == want
+    # with joint αQE+DBA: the expanded index is written as a store in --work, never loaded whole
+    assert main(args + ["--qe-dba", "3", "2", "--work", str(tmp_path / "work")]) == 0
+    q2, db2 = joint(q, db, k=3, alpha=2.0, qe=True, dba=True, backend="numpy")
+    assert read_submission(out, "retrieval") == retrieval_rows(q_store.ids, db_store.ids,
+                                                               knn(q2, db2, 5, backend="numpy")[1])
+    assert ShardedEmbeddings.open(tmp_path / "work" / "index_qe_dba").info["postprocess"] == ["joint qe/dba k=3"]
+    validate_submission_file(out, "retrieval", expected_ids=q_store.ids, index_ids=set(db_store.ids))
+    # a failing search (embeddings of another model) leaves the earlier submission whole
+    before = out.read_bytes()
+    other = tmp_path / "other.npz"
+    save_embeddings(other, db_store.ids, np.ones((12, 8), np.float32) / np.sqrt(8))
+    assert main(["search", "--query", str(reference["path"]), "--index", str(other), "--out", str(out)]) == 2
+    assert "16-d, index embeddings 8-d" in capsys.readouterr().err
+    assert out.read_bytes() == before
+
+
+def test_glr_search_gives_unreadable_queries_empty_rows(tiny, tmp_path):
+    import shutil
+
+    from glr.submission import read_submission
+
+    root = tmp_path / "root"
+    shutil.copytree(tiny["root"], root)
+    gld = GLDv2Root.open(root)
+    bad_q, bad_db = gld.test_ids()[3], gld.index_ids()[2]
+    gld.path("test", bad_q).write_bytes(b"")
+    gld.path("index", bad_db).write_bytes(b"\xff\xd8 truncated")
+    for split, size in (("test", 8), ("index", 5)):
+        embed_to_shards(tiny["art"], root, split, tmp_path / f"emb_{split}", shard_size=size, batch_size=4,
+                        num_workers=0, progress=False)
+    out = tmp_path / "sub.csv"
+    assert main(["search", "--query", str(tmp_path / "emb_test"), "--index", str(tmp_path / "emb_index"),
+                 "--out", str(out), "--k", "20"]) == 0
+    rows = dict(read_submission(out, "retrieval"))
+    assert rows[bad_q] == "" and sum(not v for v in rows.values()) == 1 and len(rows) == 49
+    assert all(bad_db not in v.split() and len(v.split()) == 11 for k, v in rows.items() if k != bad_q)

@@ -1,4 +1,4 @@
-"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | cv | score | report |
+"""The ``glr`` command line: ``glr synth | train | experiment | ablate | embed | search | cv | score | report |
 eval-revisitop | weights | kernel | submit | demo``.
 
 Every subcommand takes a GLDv2-format root (official v2.1 file names or the Kaggle 2021
@@ -124,7 +124,10 @@ EXAMPLES: dict[str, str] = {
     "score": "glr score --task retrieval --solution retrieval_solution_v2.1.csv --submission submission.csv",
     "demo": "glr demo            # synth → train → CV → report → kernel, about 15 min on 2 CPU cores",
     "embed": "glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split index --out emb_index.npz "
-             "--devices 4 --strategy ddp",
+             "--devices 4 --strategy ddp\n"
+             "  glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split train --out emb_train --shards "
+             "  # resumable: rerun after a kill",
+    "search": "glr search --query emb_test --index emb_index --qe-dba 3 3 --out submission.csv",
     "kernel": "glr kernel build --ensemble submission/ensemble.yaml --out kernels/my --kernel-id me/glr-my-kernel "
               "--weights-dataset me/glr-my-weights",
     "submit": "glr submit kernel push --kernel kernels/my",
@@ -220,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="concat: Σw²cos/Σw² (normalised concatenation); sum: the seed's Σw·cos/Σw")
     c.add_argument("--distractors", help="npz embeddings of out-of-domain images (non-landmark penalty)")
     c.add_argument("--cache-dir", help="kNN graph cache of the sweep (default OUT/graph_cache)")
+    c.add_argument("--strict-images", action="store_true",
+                   help="fail on the first unreadable image (default: skip it, as the kernel does: an unreadable "
+                        "query gets an empty row, an unreadable index or train image is left out; counts in cv.json)")
 
     sc = sub.add_parser("score", help="official GLDv2 metrics of a submission file")
     sc.add_argument("--task", choices=["retrieval", "recognition"], required=True)
@@ -254,7 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-nodes", type=int, default=1, help="Lightning num_nodes")
     e.add_argument("--strategy", default="auto", help="Lightning strategy (auto, ddp, …)")
     e.add_argument("--precision", help="Lightning precision (default 16-mixed on CUDA, 32-true on CPU)")
+    e.add_argument("--shards", action="store_true",
+                   help="write OUT as a resumable sharded store (a folder; no Lightning): run again after a "
+                        "crash or kill to compute only the missing shards; under torchrun each process takes "
+                        "its own shards")
+    e.add_argument("--shard-size", type=int, default=50_000, help="images per shard (with --shards)")
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="stored dtype (with --shards)")
+    e.add_argument("--tta-flip", action="store_true", help="also embed mirrored images (with --shards)")
+    e.add_argument("--tta-scales", type=float, nargs="+", default=[1.0], help="TTA scales (with --shards)")
     # --- end glr embed ---
+    se = sub.add_parser("search", help="retrieval submission from saved embeddings (.npz or sharded stores, "
+                                       "read shard by shard), with optional joint αQE+DBA")
+    se.add_argument("--query", required=True, help="query embeddings: .npz or a glr embed --shards folder")
+    se.add_argument("--index", required=True, help="index embeddings: .npz or a glr embed --shards folder")
+    se.add_argument("--out", required=True, help="submission.csv to write (atomically)")
+    se.add_argument("--k", type=int, default=100, help="images per query")
+    se.add_argument("--qe-dba", nargs=2, type=float, metavar=("K", "ALPHA"),
+                    help="joint αQE+DBA with K neighbours and exponent ALPHA before the search")
+    se.add_argument("--work", help="folder for the expanded index store (default OUT.work)")
+    se.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch", "numpy"])
     k = sub.add_parser("kernel", help="the offline Kaggle kernel: build, collect wheels, run locally")
     ksub = k.add_subparsers(dest="kernel_cmd", required=True)
     kb = ksub.add_parser(
@@ -378,6 +403,16 @@ def _run(args: argparse.Namespace) -> int:
 
         from glr.export import export_embeddings, global_rank
 
+        if args.shards:
+            from glr.shards import embed_to_shards
+
+            summary = embed_to_shards(args.model, args.data, args.split, args.out, image_size=args.image_size,
+                                      dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
+                                      num_workers=args.num_workers, flip=args.tta_flip, scales=args.tta_scales)
+            print(f"{summary['path']}: {summary['computed']} shards computed, {summary['present']} already "
+                  f"there, {summary['missing']} left to other workers, of {summary['shards']}; "
+                  f"{summary['unreadable']} unreadable images skipped ({summary['seconds']:.1f} s)")
+            return 0
         devices = int(args.devices) if args.devices.isdigit() else args.devices
         try:
             with contextlib.redirect_stdout(sys.stderr):  # progress bars; stdout is the path alone
@@ -396,6 +431,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from glr import pipeline
 
+    if args.cmd == "search":
+        expansion = (int(args.qe_dba[0]), float(args.qe_dba[1])) if args.qe_dba else None
+        res = pipeline.search_embeddings(args.query, args.index, args.out, k=args.k, expansion=expansion,
+                                         work=args.work, backend=args.backend)
+        print(f"{res['out']}: {res['queries']} queries against {res['index']} index images in {res['seconds']} s; "
+              f"{res['unreadable_queries']} unreadable queries (empty rows), {res['unreadable_index']} unreadable "
+              "index images (never returned)")
+        return 0
     if args.cmd == "train":
         from glr.experiment import parse_experiment
 
@@ -452,15 +495,27 @@ def _run(args: argparse.Namespace) -> int:
         from glr.sweep import DEFAULT_GRID
 
         sweep = DEFAULT_GRID if args.sweep == "default" else args.sweep
-        result = pipeline.cv(args.data, args.out, artifact=artifacts or None, kind=args.descriptor,
-                             image_size=args.image_size, batch_size=args.batch_size,
-                             num_workers=args.num_workers, recognition=not args.no_recognition,
-                             train_subset=args.train_subset, member_weights=member_weights, post=args.post,
-                             sweep=sweep, protocol=args.protocol, index_list=args.index_list,
-                             embeddings=args.embeddings, tta_flip=args.tta_flip, tta_scales=args.tta_scales,
-                             ensemble_mode=args.ensemble_mode, distractors=args.distractors,
-                             cache_dir=args.cache_dir)
+        try:
+            result = pipeline.cv(args.data, args.out, artifact=artifacts or None, kind=args.descriptor,
+                                 image_size=args.image_size, batch_size=args.batch_size,
+                                 num_workers=args.num_workers, recognition=not args.no_recognition,
+                                 train_subset=args.train_subset, member_weights=member_weights, post=args.post,
+                                 sweep=sweep, protocol=args.protocol, index_list=args.index_list,
+                                 embeddings=args.embeddings, tta_flip=args.tta_flip, tta_scales=args.tta_scales,
+                                 ensemble_mode=args.ensemble_mode, distractors=args.distractors,
+                                 cache_dir=args.cache_dir, strict_images=args.strict_images)
+        except OSError as e:  # e.g. a full disk: one line, exit 1 (each output file is written atomically)
+            import errno
+
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            print(f"glr cv: error: {e}" + (f" (the files already in {args.out} are whole: each is replaced "
+                                            "atomically, or not at all)" if full else ""), file=sys.stderr)
+            return 1
         print(cv_table(result))
+        bad = {s: n for s, n in result.get("unreadable", {}).items() if n}
+        if bad:
+            print("unreadable images skipped: " + ", ".join(f"{n} {s}" for s, n in bad.items())
+                  + " (queries: empty rows; index and train images: left out)")
         return 0
     if args.cmd == "kernel":
         return _kernel(args)

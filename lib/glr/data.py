@@ -508,6 +508,14 @@ class GLDv2Root:
         """Test (query) image ids: ``test.csv``, or the sorted folder scan."""
         return self._split_ids("test")
 
+    def embedding_ids(self, split: str) -> list[str]:
+        """Every id an embedding job of ``split`` covers: ``train`` (the clean subset), ``index``, ``test``."""
+        if split not in ("train", "index", "test"):
+            raise InputError(f"split must be one of train, index, test, got {split!r}")
+        if split == "train":
+            return [i for i, _ in self.train_ids_labels("clean")]
+        return self.index_ids() if split == "index" else self.test_ids()
+
     def solution_path(self, task: str) -> Path | None:
         """``retrieval_solution_v2.1.csv`` / ``recognition_solution_v2.1.csv``, None if absent."""
         if task not in SOLUTION_FILES:

@@ -99,12 +99,7 @@ def split_ids(root: str | os.PathLike, split: str) -> list[str]:
     """Every id of ``split`` in a GLDv2-format root (``train``: the clean subset)."""
     from glr.data import GLDv2Root
 
-    if split not in _EXPORT_SPLITS:
-        raise InputError(f"split must be one of {', '.join(_EXPORT_SPLITS)}, got {split!r}")
-    gld = GLDv2Root.open(root)
-    if split == "train":
-        return [i for i, _ in gld.train_ids_labels("clean")]
-    return gld.index_ids() if split == "index" else gld.test_ids()
+    return GLDv2Root.open(root).embedding_ids(split)
 
 
 def _parts_dir(out: Path) -> Path:

@@ -160,6 +160,8 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
         train_seconds=round(time.time() - t0, 1),
         final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))),
         options={k: v for k, v in o.items() if k != "init_from"},
+        # bit-identical reruns need the same seed, workers, threads and CPU kind (tests/test_determinism.py)
+        torch_threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
     path = out / "model.pt"
     if trainer.is_global_zero:
@@ -179,33 +181,77 @@ def embed_split(net: torch.nn.Module, root: GLDv2Root, split: str, ids: Sequence
     Test-time augmentation: ``flip`` adds the mirrored image; ``scales`` (e.g. 0.707, 1,
     1.414) embeds at ``round(image_size · s)`` each. Every view's descriptor is
     L2-normalised; the flips are averaged per scale, the scales averaged, each average
-    re-normalised.
+    re-normalised. An unreadable image raises :class:`InputError` naming it (see
+    :func:`glr.embeddings.embed_images` with ``skip_unreadable`` to skip such images instead).
     """
     emb, _ = embed_images(net, root.root, split, ids, image_size, batch_size, num_workers, device=device,
                           progress=progress, flip=flip, scales=scales)
     return emb
 
 
+def _thumbnails(root: GLDv2Root, split: str, ids: Sequence[str], progress: bool,
+                strict: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Thumbnail descriptors of ``ids`` and their (N,) readable flags; unreadable images get
+    zero rows (``strict``: the first one raises :class:`InputError` naming it)."""
+    paths = [root.path(split, i) for i in ids]
+    try:
+        return thumbnail_embeddings(paths, progress=progress), np.ones(len(ids), bool)
+    except InputError:
+        if strict:
+            raise
+    out, ok = np.zeros((len(ids), 3 * 16 * 16), np.float32), np.ones(len(ids), bool)
+    for r, p in enumerate(paths):  # again image by image, to skip the unreadable ones
+        try:
+            out[r] = thumbnail_embeddings([p], progress=False)[0]
+        except InputError:
+            ok[r] = False
+    return out, ok
+
+
+def _warn_unreadable(split: str, ids: Sequence[str], ok: np.ndarray) -> None:
+    """Log how many of ``ids`` could not be read, with up to five of them."""
+    bad = [ids[i] for i in np.flatnonzero(~ok)]
+    if bad:
+        what = {"test": "their queries get empty rows", "index": "left out of the index",
+                "train": "left out of the train set"}.get(split, "skipped")
+        log.warning("%d of %d %s images could not be read (%s): %s%s", len(bad), len(ids), split, what,
+                    ", ".join(bad[:5]), ", …" if len(bad) > 5 else "")
+
+
 def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifacts: Sequence[str],
                member_weights: Sequence[float], image_size: int | None, batch_size: int, num_workers: int,
                progress: bool, tta_flip: bool = False, tta_scales: Sequence[float] = (1.0,),
-               ensemble_mode: str = "concat") -> tuple[dict[str, np.ndarray], list[str]]:
+               ensemble_mode: str = "concat", strict: bool = False
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail),
-    and the artifacts trained on validation ground truth (``val_leak``).
+    which images could be read, and the artifacts trained on validation ground truth
+    (``val_leak``).
 
     With several artifacts (an ensemble) each member embeds at its own image size and the
     blocks are combined by :func:`glr.postprocess.expansion.combine_embeddings`
     (``concat``: cosine ``Σ w_i² cos_i / Σ w_i²``; ``sum``: ``Σ w_i cos_i / Σ w_i``).
+
+    Returns:
+        ``(emb, ok, leaky)``: split → (N, D) float32 rows in ``splits`` order, split → (N,)
+        bool (False where an image could not be read by some member; its row is zeros), and
+        the leaky artifacts. With ``strict`` the first unreadable image raises
+        :class:`InputError` naming it instead.
     """
+    ok = {s: np.ones(len(ids), bool) for s, ids in splits.items()}
     if kind == "thumbnail":
-        return {s: thumbnail_embeddings([root.path(s, i) for i in ids], progress=progress)
-                for s, ids in splits.items()}, []
-    tta = dict(flip=tta_flip, scales=tuple(tta_scales))
+        emb = {}
+        for s, ids in splits.items():
+            emb[s], ok[s] = _thumbnails(root, s, ids, progress, strict)
+        return emb, ok, []
+    tta = dict(flip=tta_flip, scales=tuple(tta_scales), skip_unreadable=not strict)
     if kind == "imagenet":
         net = PooledFeatures(build_net(dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE)))
         size = image_size or 96
-        return {s: embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress, **tta)
-                for s, ids in splits.items()}, []
+        emb = {}
+        for s, ids in splits.items():
+            emb[s], ok[s] = embed_images(net, root.root, s, ids, size, batch_size, num_workers, progress=progress,
+                                         **tta)
+        return emb, ok, []
     blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
     leaky = []
     for artifact in artifacts:
@@ -214,8 +260,13 @@ def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifac
             leaky.append(str(artifact))
         size = image_size or int(data_config["image_size"])
         for s, ids in splits.items():
-            blocks[s].append(embed_split(net, root, s, ids, size, batch_size, num_workers, progress=progress, **tta))
-    return {s: combine_embeddings(parts, member_weights, mode=ensemble_mode) for s, parts in blocks.items()}, leaky
+            e, good = embed_images(net, root.root, s, ids, size, batch_size, num_workers, progress=progress, **tta)
+            blocks[s].append(e)
+            ok[s] &= good  # unreadable for any member: unreadable
+    emb = {s: combine_embeddings(parts, member_weights, mode=ensemble_mode) for s, parts in blocks.items()}
+    for s in emb:
+        emb[s][~ok[s]] = 0.0
+    return emb, ok, leaky
 
 
 def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[str, np.ndarray]:
@@ -260,8 +311,16 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
        sweep: str | os.PathLike | dict | None = None, protocol: str = "v2.1",
        index_list: str | os.PathLike | None = None, embeddings: str | os.PathLike | None = None,
        tta_flip: bool = False, tta_scales: Sequence[float] = (1.0,), ensemble_mode: str = "concat",
-       distractors: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+       distractors: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+       strict_images: bool = False) -> dict[str, Any]:
     """Embed → search → post-process → submissions → score on a GLDv2-format root.
+
+    Unreadable images (corrupt, truncated or missing files) are skipped, as in the Kaggle
+    kernel: an unreadable query keeps an empty row (scored as a miss), an unreadable index
+    image is left out of the index (it is in no row), an unreadable train image is left out
+    of the recognition vote and the re-rankers' train set. Their number per split is
+    logged with up to five ids and recorded in ``cv.json`` (``unreadable``); their rows of
+    ``emb_<split>.npz`` are zeros, which ``embeddings`` reads back as unreadable.
 
     Args:
         data: the root.
@@ -292,20 +351,27 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         distractors: ``.npz`` embeddings (``save_embeddings`` format) of out-of-domain images
             for the non-landmark penalty.
         cache_dir: where the sweep stores its kNN graphs (default ``out/graph_cache``).
+        strict_images: raise :class:`InputError` naming the first unreadable image instead of
+            skipping it.
+
+    Raises:
+        InputError: among others, no test image (a ``test.csv`` without rows or an empty
+            ``test/`` folder: there is nothing to evaluate), or a split's image folder
+            missing; nothing is written then, so earlier outputs in ``out`` stay as they were.
 
     Returns:
         ``{"task": "retrieval", "public": …, "private": …, "recognition": {...}}`` as in
         :func:`glr.metrics.score` (protocol 2021: ``"all"``), plus ``postprocess`` (the
         config applied) and ``sweep`` (its pipeline table). Figures are ``None`` when the
         root has no solution file. ``val_leak`` lists artifacts trained on this root's
-        validation ground truth (their figures are not a valid CV).
+        validation ground truth (their figures are not a valid CV). ``unreadable``: split →
+        number of images skipped.
     """
     from glr.postprocess.steps import GraphCache, normalize_config, read_config, retrieve, write_config  # noqa
     from glr.sweep import RetrievalScorer, protocol_2021_ids, read_grid, run_sweep, sweep_table, write_sweep
 
     root = GLDv2Root.open(data)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     artifacts = [] if artifact is None else [str(artifact)] if isinstance(artifact, (str, os.PathLike)) \
         else [str(a) for a in artifact]
     if kind == "model" and not artifacts and embeddings is None:
@@ -328,6 +394,9 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         log.info("protocol 2021: %d queries with ground truth, %d index images", len(test_ids), len(index_ids))
     elif protocol != "v2.1":
         raise InputError(f"protocol must be 'v2.1' or '2021', got {protocol!r}")
+    if not test_ids:
+        listing = root.root / "test.csv"
+        raise InputError("no test images: nothing to evaluate", listing if listing.is_file() else root.root / "test")
     splits = {"test": test_ids, "index": index_ids}
     wanted = {s for s in config if config.get(s)} | set(grid or ())  # steps this run may apply
     needs_train = recognition or bool(wanted & {"landmark_country", "train_label"})
@@ -338,22 +407,39 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
     leaky: list[str] = []
     if embeddings is not None:
         emb = _load_split_embeddings(Path(embeddings), splits)
+        ok = {s: np.linalg.norm(e, axis=1) > 0 for s, e in emb.items()}  # zero rows: unreadable when embedded
     else:
-        emb, leaky = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers,
-                                progress, tta_flip, tta_scales, ensemble_mode)
+        for s, ids in splits.items():
+            if ids and not (root.root / s).is_dir():
+                raise InputError(f"image folder for split {s!r} not found ({len(ids)} {s} images listed)",
+                                 root.root / s)
+        emb, ok, leaky = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers,
+                                    progress, tta_flip, tta_scales, ensemble_mode, strict=strict_images)
         for s, ids in splits.items():
             save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
-
-    ctx = _postprocess_context(root, emb, train_pairs, splits, distractors, paths="spatial" in wanted)
+    out.mkdir(parents=True, exist_ok=True)
+    for s, ids in splits.items():
+        _warn_unreadable(s, ids, ok[s])
+    # the rows searched: readable queries against readable index images
+    q_keep, db_keep = np.flatnonzero(ok["test"]), np.flatnonzero(ok["index"])
+    q_ids, db_ids = [test_ids[i] for i in q_keep], [index_ids[i] for i in db_keep]
+    q_emb, db_emb = emb["test"][q_keep], emb["index"][db_keep]
+    if "train" in emb:
+        t_keep = np.flatnonzero(ok["train"])
+        emb["train"], train_pairs = emb["train"][t_keep], [train_pairs[i] for i in t_keep]
+    ctx = _postprocess_context(root, emb, train_pairs, {"test": q_ids, "index": db_ids}, distractors,
+                               paths="spatial" in wanted)
     cache = GraphCache(folder=cache_dir if cache_dir is not None else (out / "graph_cache" if grid else None),
                        progress=progress)
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind,
-                              "protocol": protocol}
+                              "protocol": protocol, "unreadable": {s: int((~ok[s]).sum()) for s in splits}}
     if grid is not None:
         if sol is None:
             raise InputError("a sweep needs the retrieval solution file", root.root)
-        scorer = RetrievalScorer(sol, test_ids, index_ids, protocol)
-        swept = run_sweep(emb["test"], emb["index"], scorer, {**grid, "k": k, "shortlist": config["shortlist"]},
+        if not q_ids or not db_ids:
+            raise InputError("a sweep needs readable test and index images", root.root)
+        scorer = RetrievalScorer(sol, q_ids, db_ids, protocol)
+        swept = run_sweep(q_emb, db_emb, scorer, {**grid, "k": k, "shortlist": config["shortlist"]},
                           ctx=ctx, cache=cache, progress=progress)
         write_sweep(swept, out)
         config = swept["config"]
@@ -361,12 +447,18 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         print(sweep_table(swept))
     elif any(config.get(s) for s in config if s not in ("k", "shortlist")):
         write_config(out / "postprocess.yaml", config, comment="post-processing applied by glr cv")
-    _, I, info = retrieve(emb["test"], emb["index"], config, ctx=ctx, cache=cache, progress=progress)
+    info: dict[str, Any] = {}
+    if q_ids and db_ids:
+        _, I, info = retrieve(q_emb, db_emb, config, ctx=ctx, cache=cache, progress=progress)
+    else:
+        log.warning("no readable %s image: every query gets an empty row", "test" if not q_ids else "index")
+        I = np.zeros((len(q_ids), 0), np.int64)
     result["postprocess"] = config
     if info.get("spatial"):
         result["spatial"] = info["spatial"]
-    sub = write_submission(out / "submission.csv", retrieval_rows(test_ids, index_ids, I), "retrieval",
-                           expected_ids=test_ids, index_ids=set(index_ids))
+    found = dict(retrieval_rows(q_ids, db_ids, I))  # unreadable queries: empty rows
+    sub = write_submission(out / "submission.csv", [(i, found.get(i, "")) for i in test_ids], "retrieval",
+                           expected_ids=test_ids, index_ids=set(db_ids))
     if len(artifacts) > 1:
         result["ensemble"] = [{"artifact": a, "weight": w} for a, w in zip(artifacts, weights)]
         result["ensemble_mode"] = ensemble_mode
@@ -376,13 +468,16 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
                     "the CV figures are not valid", ", ".join(leaky))
     if sol is not None:
         if protocol == "2021":
-            result["all"] = RetrievalScorer(sol, test_ids, index_ids, "2021")(I)["all"]
+            result["all"] = RetrievalScorer(sol, q_ids, db_ids, "2021")(I)["all"]
         else:
             result.update(metrics.score("retrieval", sol, sub))
     if recognition:
-        St, It = cache.knn(emb["test"], emb["train"], 5)
-        labels, scores = recognition_predictions(St, It, ctx.train_landmarks, top_k=5)
-        rsub = write_submission(out / "submission_recognition.csv", recognition_rows(test_ids, labels, scores),
+        found = {}
+        if q_ids and len(ctx.train):
+            St, It = cache.knn(q_emb, ctx.train, 5)
+            labels, scores = recognition_predictions(St, It, ctx.train_landmarks, top_k=5)
+            found = dict(recognition_rows(q_ids, labels, scores))
+        rsub = write_submission(out / "submission_recognition.csv", [(i, found.get(i, "")) for i in test_ids],
                                 "recognition", expected_ids=test_ids)
         rsol = root.solution_path("recognition")
         result["recognition"] = (metrics.score("recognition", rsol, rsub)
@@ -549,3 +644,58 @@ def _brief(result: dict[str, Any] | None) -> dict[str, Any] | None:
     rec = result.get("recognition") or {}
     return {"public": result.get("public"), "private": result.get("private"),
             "recognition": {"public": rec.get("public"), "private": rec.get("private")} if rec else None}
+
+
+# --------------------------------------------------------------------------- search at scale
+def search_embeddings(query: str | os.PathLike, index: str | os.PathLike, out: str | os.PathLike,
+                      k: int = 100, expansion: tuple[int, float] | None = None,
+                      work: str | os.PathLike | None = None, backend: str = "auto",
+                      progress: bool = True) -> dict[str, Any]:
+    """Retrieval submission from saved embeddings, the index read shard by shard.
+
+    ``query`` and ``index`` are ``.npz`` files (:func:`glr.embeddings.save_embeddings`) or
+    sharded stores (``glr embed --shards``); a store is never loaded whole: the kNN runs over
+    its shards and joint αQE+DBA (``expansion = (k, α)``) writes the expanded index as a new
+    store in ``work`` (default: ``<out>.work/``). Queries whose image was unreadable get an
+    empty row; unreadable index images are never returned. ``out`` is written atomically,
+    so an earlier file there stays whole if anything fails.
+
+    Returns:
+        ``{"queries", "index", "unreadable_queries", "unreadable_index", "seconds", "out"}``.
+    """
+    from glr.postprocess.expansion import qe_dba_joint  # noqa: PLC0415
+    from glr.search import knn  # noqa: PLC0415
+    from glr.shards import ArrayRows, ShardedEmbeddings, open_embeddings  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    q_ids, q = open_embeddings(query)
+    db_ids, db = open_embeddings(index)
+    # zero rows of an .npz are unreadable images too (glr cv's convention)
+    q_ok = q.ok if isinstance(q, ShardedEmbeddings) else np.linalg.norm(q, axis=1) > 0
+    db_ok = db.ok if isinstance(db, ShardedEmbeddings) else np.linalg.norm(db, axis=1) > 0
+    if not isinstance(db, ShardedEmbeddings) and not db_ok.all():
+        db = ArrayRows(db, ok=db_ok)  # searched without its unreadable rows
+    q = q.to_array() if isinstance(q, ShardedEmbeddings) else q  # the queries fit in memory (118k × D)
+    if len(q_ids) and len(db_ids) and q.shape[1] != db.shape[1]:
+        raise InputError(f"query embeddings are {q.shape[1]}-d, index embeddings {db.shape[1]}-d "
+                         "(embedded by different models?)", index)
+    if expansion is not None and len(q_ids) and len(db_ids):
+        ek, alpha = expansion
+        dest = None
+        if isinstance(db, ShardedEmbeddings):
+            dest = Path(work) if work is not None else out.parent / f"{out.name}.work"
+            dest = dest / "index_qe_dba"
+            if dest.exists():
+                import shutil  # noqa: PLC0415
+
+                shutil.rmtree(dest)  # derived data of an earlier run of this command
+        q, db = qe_dba_joint(q, db, k=int(ek), alpha=float(alpha), qe=True, dba=True, backend=backend, out=dest)
+    I = (knn(q, db, k, backend=backend, progress=progress)[1] if len(q_ids) and len(db_ids)
+         else np.full((len(q_ids), 0), -1, np.int64))
+    I[~q_ok] = -1
+    rows = retrieval_rows(q_ids, db_ids, I)
+    write_submission(out, rows, "retrieval", expected_ids=q_ids, index_ids=db_ids)
+    return {"queries": len(q_ids), "index": len(db_ids), "unreadable_queries": int((~q_ok).sum()),
+            "unreadable_index": int((~db_ok).sum()), "seconds": round(time.perf_counter() - t0, 2),
+            "out": str(out)}

@@ -506,13 +506,13 @@ def embed_to_shards(artifact: str | os.PathLike, root: str | os.PathLike, split:
     import torch  # noqa: PLC0415
 
     from glr.embeddings import embed_images  # noqa: PLC0415
-    from glr.export import split_ids  # noqa: PLC0415
+    from glr.data import GLDv2Root  # noqa: PLC0415
     from glr.model import load_artifact  # noqa: PLC0415
 
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) if world is None else world
     net, data_config, _ = load_artifact(artifact)
-    ids = split_ids(root, split) if ids is None else [str(i) for i in ids]
+    ids = GLDv2Root.open(root).embedding_ids(split) if ids is None else [str(i) for i in ids]
     size = int(image_size or data_config["image_size"])
     if device is None and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"

@@ -24,9 +24,18 @@ Order of work, so that a crash or a time-out never costs the submission:
 
 Every step is timed; the log ends with a table projecting the total for a hidden set of
 ``hidden_test_size`` images. ``glr_kernel_report.json`` beside ``submission.csv`` records
-the status, counts and timings. Any failure after the fallback leaves the fallback in place;
-the exit status is 0 in the rerun (the fallback still scores) and 1 otherwise (so a commit
-run that fails shows as failed).
+the status (``ok``; ``fallback`` with a ``reason`` or an ``error``: the fallback is the
+output; ``failed``: a failure before the fallback was written, an empty one is then tried),
+counts (with ``test_unreadable``, ``index_unreadable``, ``train_unreadable``) and timings; a
+report that cannot be written (a full disk) is only logged. No test image (an empty or
+missing ``test/`` folder) is not a failure: the fallback (the sample's rows; the header alone
+when the sample has none or is absent) is the output, status ``fallback``, reason
+``no test images``, exit status 0.
+
+Any failure after the fallback (a crash, a full disk when writing the real submission, which
+is replaced atomically or not at all) leaves the fallback in place; the exit status is then 0
+in the rerun (the fallback still scores) and 1 otherwise (so a commit run that fails shows as
+failed). Exit status 1 as well when no submission could be written at all.
 """
 
 from __future__ import annotations
@@ -368,6 +377,8 @@ def embed_ensemble(settings: Mapping[str, Any], weights: Path, comp: Path,
             torch.cuda.empty_cache()
     weights_ = [float(m.get("weight", 1.0)) for m in settings["members"]]
     emb = {s: combine_embeddings(b, weights_, mode=settings["ensemble_mode"]) for s, b in blocks.items()}
+    for s in emb:
+        emb[s][~ok[s]] = 0.0  # unreadable for any member: unreadable
     return emb, ok
 
 
@@ -462,7 +473,7 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
         with timer.step("write submission"):
             write_submission(out, rows, "recognition", expected_ids=test_ids)
     if needs_train:
-        counts["train"] = len(train_ids)
+        counts.update(train=len(train_ids), train_unreadable=int(len(train_ids) - t_ok.sum()))
     return counts
 
 
@@ -537,9 +548,11 @@ def _main(settings: Mapping[str, Any] | None, kaggle_root: str | os.PathLike | N
         report["status"] = "fallback"
         if phase == "commit" and s["commit_mode"] == "fallback":
             log.info("commit run with commit_mode=fallback: the fallback submission is the output")
+            report["reason"] = "commit_mode fallback"
             return 0
         if not test_ids:
-            log.warning("no test images: the fallback submission is the output")
+            log.warning("no test images: the fallback submission (%d rows) is the output", report["fallback_rows"])
+            report["reason"] = "no test images"
             return 0
         if inputs.competition is None or inputs.weights is None:
             raise FileNotFoundError(f"competition data or weights dataset not found under {root / 'input'} "
@@ -559,7 +572,7 @@ def _main(settings: Mapping[str, Any] | None, kaggle_root: str | os.PathLike | N
         if not out.is_file():
             with contextlib.suppress(Exception):
                 write_fallback(out, s.get("task", "retrieval"), test_ids, None)
-        return 0 if phase == "rerun" else 1
+        return 0 if phase == "rerun" and out.is_file() else 1
     finally:
         counts = {k: v for k, v in report.get("counts", {}).items() if k in ("test", "index", "train")}
         hidden = {"test": s.get("hidden_test_size"), "index": s.get("hidden_index_size")}
@@ -567,7 +580,10 @@ def _main(settings: Mapping[str, Any] | None, kaggle_root: str | os.PathLike | N
         report["timing"] = timer.projection(counts, hidden)
         report["seconds"] = round(time.perf_counter() - timer.start, 3)
         log.info("timing (status %s):\n%s", report["status"], format_projection(report["timing"], counts, hidden))
-        with contextlib.suppress(OSError):
-            tmp = working / f".{REPORT}.tmp"
-            tmp.write_text(json.dumps(report, indent=2, default=str))
-            os.replace(tmp, working / REPORT)
+        try:  # atomically: a failed write (a full disk) leaves no partial file and must not end the kernel
+            from glr.utils import atomic_write  # noqa: PLC0415
+
+            with atomic_write(working / REPORT) as f:
+                f.write(json.dumps(report, indent=2, default=str))
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write %s: %s", REPORT, e)
