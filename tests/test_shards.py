@@ -272,7 +272,7 @@ def test_workers_write_disjoint_shards_and_together_equal_one(tiny, reference, t
 
 def test_extract_shards_checks_what_the_embedder_returns(tmp_path):
     def wrong(chunk):
-        return np.zeros((len(chunk), 3), np.float32), np.ones(len(chunk), bool), {}
+        return np.zeros((len(chunk), 3), np.float32), np.ones(len(chunk), bool)
 
     with pytest.raises(ValueError, match="returned"):
         extract_shards(wrong, ["a", "b"], tmp_path / "s", dim=4, progress=False)

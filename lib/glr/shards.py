@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from glr.utils import InputError, atomic_write, read_json_object
+from glr.utils import InputError, atomic_write, file_sha256, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,6 @@ def _ids_sha256(ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (a model artifact's fingerprint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _num_shards(n: int, shard_size: int) -> int:
     return -(-n // shard_size)
 
@@ -175,13 +166,10 @@ class ShardedEmbeddings:
         self.dtype = str(manifest["dtype"])
         self.shard_size = int(manifest["shard_size"])
         self.info = dict(manifest.get("info", {}))
-        self.failed: dict[str, str] = {}
+        self.failed: dict[str, str] = {i: err for rec in done for i, err in rec.get("failed", {}).items()}
         self.ok = np.ones(len(ids), bool)
-        index = {i: r for r, i in enumerate(ids)}
-        for rec in done:
-            for i, err in rec.get("failed", {}).items():
-                self.failed[i] = err
-                self.ok[index[i]] = False
+        if self.failed:
+            self.ok[[r for r, i in enumerate(ids) if i in self.failed]] = False
         self._maps: dict[int, np.ndarray] = {}
 
     # ---- opening
@@ -427,7 +415,7 @@ def save_store(path: str | os.PathLike, ids: Sequence[str], emb: np.ndarray, dty
 
 
 # --------------------------------------------------------------------------- extraction
-def extract_shards(embed: Callable[[list[str]], tuple[np.ndarray, np.ndarray, dict[str, str]]],
+def extract_shards(embed: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
                    ids: Sequence[str], out: str | os.PathLike, dim: int, dtype: str = "float16",
                    shard_size: int = DEFAULT_SHARD_SIZE, info: Mapping[str, Any] | None = None,
                    rank: int = 0, world: int = 1, progress: bool = True,
@@ -435,7 +423,8 @@ def extract_shards(embed: Callable[[list[str]], tuple[np.ndarray, np.ndarray, di
     """Embed ``ids`` into the store ``out`` shard by shard, resuming what an earlier run left.
 
     Args:
-        embed: ``ids → (emb (n, dim) float32, ok (n,) bool, {id: error})`` for one shard's ids.
+        embed: ``ids → (emb (n, dim) float32, ok (n,) bool)`` for one shard's ids (``ok`` False:
+            the image could not be read; it is recorded in the shard as unreadable).
         ids: every id of the job, in row order.
         out: the store folder (created, or resumed when it holds the same job).
         dim, dtype, shard_size, info: see :func:`create_store`.
@@ -469,11 +458,11 @@ def extract_shards(embed: Callable[[list[str]], tuple[np.ndarray, np.ndarray, di
             ts = time.perf_counter()
             a = s * int(manifest["shard_size"])
             chunk = ids[a:a + _shard_rows(len(ids), int(manifest["shard_size"]), s)]
-            emb, ok, errors = embed(chunk)
+            emb, ok = embed(chunk)
             emb = np.asarray(emb, np.float32)
             if len(chunk) and emb.shape != (len(chunk), int(dim)):
                 raise ValueError(f"the embedder returned {emb.shape} for {len(chunk)} ids of dim {dim}")
-            failed = {chunk[j]: errors.get(chunk[j], "unreadable") for j in np.flatnonzero(~np.asarray(ok, bool))}
+            failed = {chunk[j]: "unreadable" for j in np.flatnonzero(~np.asarray(ok, bool))}
             unreadable += len(failed)
             write_shard(out, manifest, ids, s, emb, failed, time.perf_counter() - ts)
             bar.update(1)
@@ -481,8 +470,8 @@ def extract_shards(embed: Callable[[list[str]], tuple[np.ndarray, np.ndarray, di
                 on_shard(s, n_done)
     finally:
         bar.close()
-    still = [s for s in status["missing"] if s not in set(mine)]
-    return {"shards": manifest["num_shards"], "present": present, "computed": len(mine), "missing": len(still),
+    return {"shards": manifest["num_shards"], "present": present, "computed": len(mine),
+            "missing": len(status["missing"]) - len(mine),
             "unreadable": unreadable, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -520,11 +509,10 @@ def embed_to_shards(artifact: str | os.PathLike, root: str | os.PathLike, split:
             "scales": [float(s) for s in scales], "mean": list(data_config["mean"]), "std": list(data_config["std"])}
     dim = int(getattr(net, "embedding_size", 0)) or int(net(torch.zeros(1, 3, size, size)).shape[1])
 
-    def embed(chunk: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-        emb, ok = embed_images(net, root, split, chunk, size, batch_size, num_workers, device=device,
-                               progress=False, flip=flip, scales=scales, mean=data_config["mean"],
-                               std=data_config["std"], skip_unreadable=True)
-        return emb, ok, {}
+    def embed(chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return embed_images(net, root, split, chunk, size, batch_size, num_workers, device=device,
+                            progress=False, flip=flip, scales=scales, mean=data_config["mean"],
+                            std=data_config["std"], skip_unreadable=True)
 
     summary = extract_shards(embed, ids, out, dim, dtype, shard_size, info, rank, world, progress, on_shard)
     summary["path"] = str(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -75,3 +76,12 @@ def read_json_object(path: str | os.PathLike, what: str = "file") -> dict:
     if not isinstance(data, dict):
         raise InputError(f"corrupt {what}: expected a JSON object, got {type(data).__name__}", path)
     return data
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -21,7 +21,6 @@ ready for ``kaggle datasets create -p DIR``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -33,13 +32,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from glr.utils import InputError, atomic_write, read_json_object
+from glr.utils import InputError, atomic_write, file_sha256, read_json_object
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 KAGGLE_METADATA = "dataset-metadata.json"
-_CHUNK = 1 << 20
 
 #: The fields :func:`read_artifact_info` returns (``None`` where the artifact does not say).
 INFO_KEYS = ("experiment", "stage", "backbone", "image_size", "train_set", "num_classes", "embedding_size",
@@ -61,15 +59,6 @@ _SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 # --------------------------------------------------------------------------- files
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _jsonable(v: Any) -> Any:
     """A JSON-friendly copy of ``v`` (tensor / numpy scalars → Python numbers, others → str)."""
     if v is None or isinstance(v, (bool, int, float, str)):

@@ -187,7 +187,7 @@ def _weighted_store(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: f
         a = s * like.shard_size
         b = min(len(like), a + like.shard_size)
         rows = np.concatenate([_weighted_block(base, S, I, pool, alpha, c, min(b, c + step))
-                               for c in range(a, b, step)]) if b > a else np.zeros((0, like.dim), np.float32)
+                               for c in range(a, b, step)])
         rows[~like.ok[a:b]] = 0.0
         failed = {like.ids[r]: like.failed.get(like.ids[r], "unreadable") for r in range(a, b) if not like.ok[r]}
         write_shard(out, manifest, like.ids, s, rows, failed)
