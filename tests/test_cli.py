@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from glr.cli import _load_config, main
-from glr.experiment import parse_experiment
+from glr.workflows.experiment import parse_experiment
 from glr.utils import InputError
 
 CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -47,7 +47,7 @@ def test_score_bad_submission_names_file_and_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_configs_use_known_train_options(config):
-    from glr.pipeline import TRAIN_DEFAULTS
+    from glr.train.fit import TRAIN_DEFAULTS
 
     exp = parse_experiment(config)  # raises on an unknown option
     assert exp.name == config.stem and exp.stages

@@ -9,21 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glr.data import (
-    GLDv2Root,
-    ImageDataset,
-    build_label_map,
-    image_path,
-    make_transforms,
-    read_ids,
-    read_image_to_landmark,
-    read_label_table,
-    read_train,
-    read_train_clean,
-    scan_image_ids,
-    transforms_from_config,
-)
-from glr.training import GLDv2DataModule
+from glr.data.root import GLDv2Root, build_label_map
+from glr.data.images import ImageDataset, make_transforms, transforms_from_config
+from glr.data.readers import image_path, read_ids, read_image_to_landmark, read_label_table, read_train, read_train_clean, scan_image_ids
+from glr.train.datamodule import GLDv2DataModule
 from glr.utils import InputError
 
 

@@ -12,10 +12,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from glr.cli import main
-from glr.data import IMAGENET_MEAN, IMAGENET_STD, GLDv2Root, ImageDataset, make_transforms
-from glr.embeddings import extract_embeddings, load_embeddings, merge_parts
-from glr.export import export_embeddings
-from glr.model import build_net, save_artifact
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, make_transforms
+from glr.data.root import GLDv2Root
+from glr.embed.extract import extract_embeddings
+from glr.embed.npz import load_embeddings, merge_parts
+from glr.train.export import export_embeddings
+from glr.model.net import build_net
+from glr.model.artifact import save_artifact
 from glr.utils import InputError
 
 SPLIT = "index"  # 13 images: odd and not a multiple of 2 ranks × batch 4, so the sampler pads
@@ -23,7 +26,7 @@ SPLIT = "index"  # 13 images: odd and not a multiple of 2 ranks × batch 4, so t
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from glr.synth import make_synthetic_gldv2
+    from glr.data.synth import make_synthetic_gldv2
 
     tmp = tmp_path_factory.mktemp("ddp")
     root = tmp / "root"

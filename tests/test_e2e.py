@@ -190,8 +190,8 @@ def test_cv_on_kaggle_layout_writes_a_valid_submission(tmp_path, capsys):
 
 
 def test_train_with_validation_split_and_stage_two(tmp_path):
-    from glr.model import load_artifact
-    from glr.pipeline import train
+    from glr.model.artifact import load_artifact
+    from glr.train.fit import train
 
     data = _foreign_root(tmp_path / "root", n_landmarks=4)
     a1 = train(data, tmp_path / "s1", backbone="test_resnet", pretrained=None, image_size=32, epochs=1,

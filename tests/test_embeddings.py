@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from glr.embeddings import (PooledFeatures, extract_embeddings, load_embeddings, save_embeddings,
-                            thumbnail_embeddings)
-from glr.model import EmbeddingNet
+from glr.embed.extract import PooledFeatures, extract_embeddings, thumbnail_embeddings
+from glr.embed.npz import load_embeddings, save_embeddings
+from glr.model.net import EmbeddingNet
 from glr.utils import InputError
 
 
@@ -86,9 +86,9 @@ def test_flip_tta_averages_the_mirrored_view():
 
 
 def test_multiscale_tta_embeds_each_scale(tmp_path):
-    from glr.pipeline import embed_split
-    from glr.synth import make_synthetic_gldv2
-    from glr.data import GLDv2Root
+    from glr.workflows.cv import embed_split
+    from glr.data.synth import make_synthetic_gldv2
+    from glr.data.root import GLDv2Root
 
     make_synthetic_gldv2(tmp_path / "d", n_landmarks=4, scale=0.05, image_size=32, seed=0, progress=False)
     root = GLDv2Root.open(tmp_path / "d")

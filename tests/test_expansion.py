@@ -4,8 +4,8 @@ against hand-computed tiny cases."""
 import numpy as np
 import pytest
 
-from glr.postprocess.expansion import (alpha_dba, alpha_qe, combine_embeddings, fit_whitening, l2_normalize,
-                                       qe_dba_joint)
+from glr.postprocess.expansion import alpha_dba, alpha_qe, combine_embeddings, fit_whitening, qe_dba_joint
+from glr.arrays import l2_normalize
 from glr.search import knn
 
 # Three unit vectors in 2-D: sims  row0 [1, .6, 0], row1 [.6, 1, .8], row2 [0, .8, 1]

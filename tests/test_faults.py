@@ -20,11 +20,13 @@ from PIL import Image
 import glr.submission
 import glr.utils
 from glr.cli import main
-from glr.data import IMAGENET_MEAN, IMAGENET_STD, GLDv2Root
-from glr.kernel import runtime
-from glr.kernel.build import build_kernel, read_kernel
-from glr.kernel.local import layout_inputs
-from glr.model import build_net, save_artifact
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from glr.data.root import GLDv2Root
+from glr.kaggle.kernel import runtime
+from glr.kaggle.kernel.build import build_kernel, read_kernel
+from glr.kaggle.kernel.local import layout_inputs
+from glr.model.net import build_net
+from glr.model.artifact import save_artifact
 from glr.submission import read_submission, validate_submission_file
 
 #: The kernel test's chain: query expansion, k-reciprocal and landmark–country (which needs the train set).
@@ -60,7 +62,7 @@ def _corrupt(gld, split, ids, fraction=0.05):
 def faulty(tmp_path_factory):
     """A synthetic root with 5 % of its test, index and (clean) train images spoilt, and an
     ensemble of two untrained tiny nets."""
-    from glr.synth import make_synthetic_gldv2
+    from glr.data.synth import make_synthetic_gldv2
 
     tmp = tmp_path_factory.mktemp("faults")
     root = tmp / "root"
@@ -206,7 +208,7 @@ def test_cv_strict_images_fails_naming_the_image_and_keeps_earlier_outputs(fault
 
 def test_ensemble_members_ok_masks_are_combined(faulty, monkeypatch):
     """An image one member cannot read is unreadable for the ensemble (its row zeroed)."""
-    from glr import pipeline
+    from glr.workflows import cv as pipeline
 
     calls = []
 

@@ -34,7 +34,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from glr import data, metrics, submission
+from glr import metrics, submission
+from glr.data import readers as data
 from glr.utils import InputError
 
 # GLR_FUZZ_EXAMPLES=2000 for a longer hunt; the default keeps the file to a few seconds.

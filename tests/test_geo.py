@@ -9,15 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from glr.geo import (
-    CONTINENTS,
-    COUNTRY_FILE,
-    continent_of,
-    country_continents,
-    landmark_continents,
-    load_landmark_continents,
-    read_landmark_countries,
-)
+from glr.data.geo import CONTINENTS, COUNTRY_FILE, continent_of, country_continents, landmark_continents, load_landmark_continents, read_landmark_countries
 from glr.utils import InputError
 
 
@@ -90,7 +82,7 @@ def test_read_landmark_countries_missing_column(tmp_path):
 
 
 def test_landmark_continents_unknown_codes_are_other(caplog):
-    with caplog.at_level(logging.WARNING, logger="glr.geo"):
+    with caplog.at_level(logging.WARNING, logger="glr.data.geo"):
         out = landmark_continents({1: "FR", 2: "ZZ", 3: "QQ", 4: "ZZ", 5: "BR"})
     assert out == {1: "Europe", 2: "other", 3: "other", 4: "other", 5: "South America"}
     assert len(caplog.records) == 1
@@ -100,13 +92,13 @@ def test_landmark_continents_unknown_codes_are_other(caplog):
 
 def test_load_landmark_continents(tmp_path, caplog):
     write(tmp_path / COUNTRY_FILE, "landmark_id,country\n5,IN\n6,PE\n7,\n")
-    with caplog.at_level(logging.INFO, logger="glr.geo"):
+    with caplog.at_level(logging.INFO, logger="glr.data.geo"):
         assert load_landmark_continents(tmp_path) == {5: "Asia", 6: "South America"}
     assert not caplog.records
 
 
 def test_load_landmark_continents_missing_file_is_a_notice(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="glr.geo"):
+    with caplog.at_level(logging.INFO, logger="glr.data.geo"):
         assert load_landmark_continents(tmp_path) is None
     assert len(caplog.records) == 1
     msg = caplog.records[0].getMessage()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glr.heads import HEADS, ArcFace, CosFace, build_head, class_weights, dynamic_margins, expand_head_state
+from glr.model.heads import HEADS, ArcFace, CosFace, build_head, class_weights, dynamic_margins, expand_head_state
 
 # Three unit class centres in 2-D: east, north, west.
 CENTRES = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

@@ -15,12 +15,14 @@ import pytest
 import torch
 
 from glr.cli import main
-from glr.data import IMAGENET_MEAN, IMAGENET_STD, GLDv2Root
-from glr.kernel import runtime
-from glr.kernel.build import bundle_modules, build_kernel, read_kernel, render_script
-from glr.kernel.local import fresh_python, run_local
-from glr.kernel.wheels import collect_wheels
-from glr.model import build_net, save_artifact
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from glr.data.root import GLDv2Root
+from glr.kaggle.kernel import runtime
+from glr.kaggle.kernel.build import bundle_modules, build_kernel, read_kernel, render_script
+from glr.kaggle.kernel.local import fresh_python, run_local
+from glr.kaggle.kernel.wheels import collect_wheels
+from glr.model.net import build_net
+from glr.model.artifact import save_artifact
 from glr.submission import read_submission, validate_submission_file
 from glr.utils import InputError
 
@@ -32,7 +34,7 @@ POST = {"expansion": {"form": "joint", "k": 3, "alpha": 1.0},
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """A tiny synthetic root, an ensemble of two untrained tiny nets and the kernel built from it."""
-    from glr.synth import make_synthetic_gldv2
+    from glr.data.synth import make_synthetic_gldv2
 
     tmp = tmp_path_factory.mktemp("kernel")
     root = tmp / "root"
@@ -53,7 +55,7 @@ def built(tmp_path_factory):
 
 
 def _kaggle(tmp, root, kernel, layout="classic"):
-    from glr.kernel.local import layout_inputs
+    from glr.kaggle.kernel.local import layout_inputs
 
     _, settings, _ = read_kernel(kernel)
     kaggle = tmp / layout / "kaggle"
@@ -74,7 +76,7 @@ def test_build_writes_metadata_with_internet_off_and_a_self_contained_script(bui
     assert all((kernel / "weights" / m["file"]).is_file() for m in settings["members"])
     assert json.loads((kernel / "weights" / "dataset-metadata.json").read_text())["id"] == "me/glr-tiny-weights"
     # what glr submit checks before sending anything accepts both folders as built
-    from glr.submit import read_dataset_folder, read_kernel_folder
+    from glr.kaggle.client import read_dataset_folder, read_kernel_folder
 
     assert read_kernel_folder(kernel)["enable_internet"] is False
     assert read_dataset_folder(kernel / "weights")["id"] == "me/glr-tiny-weights"
@@ -83,11 +85,11 @@ def test_build_writes_metadata_with_internet_off_and_a_self_contained_script(bui
     blob = base64.b64decode("".join(re.findall(r'^    "([A-Za-z0-9+/=]+)"$', text, re.M)))
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         names = set(z.namelist())
-        assert {"glr/kernel/runtime.py", "glr/model.py", "glr/postprocess/steps.py"} <= names
-        assert "glr/training.py" not in names and "glr/export.py" not in names and "glr/cli.py" not in names
-        import glr.model
+        assert {"glr/kaggle/kernel/runtime.py", "glr/model/net.py", "glr/postprocess/chain.py"} <= names
+        assert "glr/train/module.py" not in names and "glr/train/export.py" not in names and "glr/cli/__init__.py" not in names
+        import glr.model.net
 
-        assert z.read("glr/model.py") == open(glr.model.__file__, "rb").read()
+        assert z.read("glr/model/net.py") == open(glr.model.net.__file__, "rb").read()
         assert not any(re.search(r"^\s*(import|from) (pytorch_)?lightning", z.read(n).decode(), re.M) for n in names)
 
 
@@ -109,9 +111,9 @@ def test_build_is_reproducible_and_refuses_to_clobber(built, tmp_path):
 
 
 def test_bundle_refuses_a_module_that_imports_lightning():
-    assert "glr.kernel.runtime" in bundle_modules() and "glr.training" not in bundle_modules()
+    assert "glr.kaggle.kernel.runtime" in bundle_modules() and "glr.train.module" not in bundle_modules()
     with pytest.raises(InputError, match="lightning"):
-        bundle_modules("glr.training")
+        bundle_modules("glr.train.module")
 
 
 def test_cli_build_reports_a_bad_ensemble_with_its_file(tmp_path, capsys):
@@ -202,7 +204,7 @@ def test_wheels_are_collected_offline_and_installed_by_the_kernel(tmp_path, monk
     got = collect_wheels(out, "me/glr-test-wheels", [name], find_links=[src], no_index=True)
     assert [w.name for w in got] == [whl.name]
     assert json.loads((out / "dataset-metadata.json").read_text())["id"] == "me/glr-test-wheels"
-    from glr.submit import read_dataset_folder
+    from glr.kaggle.client import read_dataset_folder
 
     assert read_dataset_folder(out)["id"] == "me/glr-test-wheels"  # glr submit dataset would accept it
     with pytest.raises(InputError, match="pip download failed"):

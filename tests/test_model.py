@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glr.heads import ArcFace
-from glr.model import (LITE0_PACKAGE, EmbeddingNet, GeM, build_net, convert_positional, gem, lite0_package_file, load_artifact, resolve_pretrained_file, save_artifact)
-from glr.training import LandmarkModule
+from glr.model.heads import ArcFace
+from glr.model.net import LITE0_PACKAGE, EmbeddingNet, build_net, convert_positional, lite0_package_file, resolve_pretrained_file
+from glr.model.layers import GeM, gem
+from glr.model.artifact import load_artifact, save_artifact
+from glr.train.module import LandmarkModule
 from glr.utils import InputError
 
 

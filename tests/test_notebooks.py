@@ -7,8 +7,9 @@ import nbformat
 import pytest
 import torch
 
-from glr.data import IMAGENET_MEAN, IMAGENET_STD
-from glr.model import build_net, save_artifact
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from glr.model.net import build_net
+from glr.model.artifact import save_artifact
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 NAMES = ("01_eda", "02_cv_review", "03_kernel_iteration")
@@ -30,8 +31,8 @@ def test_stored_without_outputs_and_without_library_code(name):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A tiny synthetic root, a CV run on it, and a one-model ensemble."""
-    from glr.pipeline import cv
-    from glr.synth import make_synthetic_gldv2
+    from glr.workflows.cv import cv
+    from glr.data.synth import make_synthetic_gldv2
 
     tmp = tmp_path_factory.mktemp("nb")
     root = tmp / "root"

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from glr import metrics, report
-from glr.data import GLDv2Root
-from glr.embeddings import load_embeddings
-from glr.pipeline import cv
-from glr.synth import make_synthetic_gldv2
+from glr.data.root import GLDv2Root
+from glr.embed.npz import load_embeddings
+from glr.workflows.cv import cv
+from glr.data.synth import make_synthetic_gldv2
 from glr.utils import InputError
 
 GREEN, RED, GREY, BLUE = (0, 128, 0), (255, 0, 0), (128, 128, 128), (0, 0, 255)

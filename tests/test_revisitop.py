@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glr import revisitop as R
+from glr.eval import revisitop as R
 from glr.utils import InputError
 
 _spec = importlib.util.spec_from_file_location("revisitop_oracle", Path(__file__).parent / "oracle" /
@@ -135,8 +135,9 @@ def test_cli_evaluates_a_model_on_a_generated_dataset(tmp_path, capsys):
     from PIL import Image
 
     from glr.cli import main
-    from glr.data import IMAGENET_MEAN, IMAGENET_STD
-    from glr.model import build_net, save_artifact
+    from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
+    from glr.model.net import build_net
+    from glr.model.artifact import save_artifact
 
     root = tmp_path / "rtest"
     (root / "jpg").mkdir(parents=True)

@@ -9,15 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from glr.samplers import (
-    CLEAN_PROB,
-    CONTINENT_PROBS,
-    SAMPLERS,
-    ContinentAwareSampler,
-    IdUniformSampler,
-    ShuffleSampler,
-    build_sampler,
-)
+from glr.train.samplers import CLEAN_PROB, CONTINENT_PROBS, SAMPLERS, ContinentAwareSampler, IdUniformSampler, ShuffleSampler, build_sampler
 
 # Upper 0.999 quantiles of the chi-square distribution by degrees of freedom, from the
 # NIST/SEMATECH e-Handbook of Statistical Methods, table 1.3.6.7.4 "Critical values of
@@ -140,7 +132,7 @@ def test_continent_without_clean_flags_and_with_unknown_names():
 
 def test_continent_logs_empty_continents(caplog):
     labels, continents, clean = make_images()
-    with caplog.at_level(logging.INFO, logger="glr.samplers"):
+    with caplog.at_level(logging.INFO, logger="glr.train.samplers"):
         ContinentAwareSampler(labels, continents, clean)
     messages = [r.getMessage() for r in caplog.records if "no images for" in r.getMessage()]
     assert len(messages) == 1
@@ -354,7 +346,7 @@ def test_build_sampler_by_name():
 
 
 def test_build_sampler_continent_falls_back_to_shuffle(caplog):
-    with caplog.at_level(logging.INFO, logger="glr.samplers"):
+    with caplog.at_level(logging.INFO, logger="glr.train.samplers"):
         s = build_sampler("continent", LABELS, seed=2)
     assert isinstance(s, ShuffleSampler) and len(s) == N
     [record] = caplog.records

@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from glr.cli import main
-from glr.data import IMAGENET_MEAN, IMAGENET_STD, GLDv2Root
-from glr.model import build_net, save_artifact
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from glr.data.root import GLDv2Root
+from glr.model.net import build_net
+from glr.model.artifact import save_artifact
 from glr.postprocess.expansion import alpha_dba, alpha_qe, qe_dba_joint
 from glr.search import knn
-from glr.shards import (ArrayRows, ShardedEmbeddings, create_store, embed_to_shards, extract_shards,
-                        open_embeddings, save_store)
+from glr.arrays import ArrayRows
+from glr.embed.store import ShardedEmbeddings, create_store, open_embeddings, save_store
+from glr.embed.sharded import embed_to_shards, extract_shards
 from glr.utils import InputError
 
 
@@ -30,7 +33,7 @@ def _unit(rng, n, d):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small synthetic root and an untrained tiny artifact (16-d)."""
-    from glr.synth import make_synthetic_gldv2
+    from glr.data.synth import make_synthetic_gldv2
 
     tmp = tmp_path_factory.mktemp("shards")
     root = tmp / "root"
@@ -180,7 +183,8 @@ def test_extraction_records_unreadable_images_and_keeps_going(tiny, reference, t
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import glr.shards as shards
+    import glr.embed.sharded as sharded
+    import glr.embed.store as shards
     calls = []
     real = shards._save_npy
     def dying(path, array):
@@ -193,8 +197,8 @@ KILLER = textwrap.dedent("""
                 os.kill(os.getpid(), signal.SIGKILL)
         real(path, array)
     shards._save_npy = dying
-    shards.embed_to_shards(sys.argv[1], sys.argv[2], "test", sys.argv[3], shard_size=8, dtype="float16",
-                           batch_size=4, num_workers=0, progress=False)
+    sharded.embed_to_shards(sys.argv[1], sys.argv[2], "test", sys.argv[3], shard_size=8, dtype="float16",
+                            batch_size=4, num_workers=0, progress=False)
 """)
 
 
@@ -283,7 +287,7 @@ def test_extract_shards_checks_what_the_embedder_returns(tmp_path):
 
 # --------------------------------------------------------------------------- glr search
 def test_glr_search_over_stores_equals_the_in_memory_search(tiny, reference, tmp_path, capsys):
-    from glr.embeddings import save_embeddings
+    from glr.embed.npz import save_embeddings
     from glr.postprocess.expansion import qe_dba_joint as joint
     from glr.submission import read_submission, retrieval_rows, validate_submission_file
 

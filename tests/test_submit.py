@@ -9,7 +9,8 @@ import tempfile
 
 import pytest
 
-from glr import submit
+from glr.cli.submit import main as submit_main
+from glr.kaggle import client as submit
 from kaggle_local import FakeKaggle
 
 USER = "tester"
@@ -63,7 +64,7 @@ def kaggle(tmp_path, monkeypatch):
 
 def run(capsys, *argv):
     """(exit status, stdout, stderr) of ``glr submit ARGV``; no secret may be printed."""
-    code = submit.main(["submit", *map(str, argv)])
+    code = submit_main(["submit", *map(str, argv)])
     out, err = capsys.readouterr()
     assert KEY not in out + err and TOKEN not in out + err
     assert "Traceback" not in err
@@ -458,7 +459,7 @@ def test_api_error_is_one_line(kaggle, capsys):
                                   ["file"], ["code"], ["list"]])
 def test_help_shows_an_example(capsys, argv):
     with pytest.raises(SystemExit) as exit_:
-        submit.main(["submit", *argv, "--help"])
+        submit_main(["submit", *argv, "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "example:\n  glr submit " + " ".join(argv) in out

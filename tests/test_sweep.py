@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from glr import metrics
-from glr.postprocess.steps import (Context, GraphCache, normalize_config, read_config, retrieve,
-                                   write_config)
+from glr.postprocess.chain import Context, retrieve
+from glr.postprocess.cache import GraphCache
+from glr.postprocess.config import normalize_config, read_config, write_config
 from glr.search import knn
 from glr.submission import retrieval_rows, write_submission
-from glr.sweep import (RetrievalScorer, expand_grid, parse_grid, protocol_2021_ids, run_sweep, sweep_table,
-                       write_sweep)
+from glr.eval.sweep import RetrievalScorer, expand_grid, parse_grid, protocol_2021_ids, run_sweep, sweep_table
+from glr.report.sweep import write_sweep
 from glr.utils import InputError
 
 
@@ -187,7 +188,7 @@ def test_sweep_reuses_cached_graphs(sweep_inputs, tmp_path):
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    from glr.sweep import read_grid
+    from glr.eval.sweep import read_grid
 
     here = Path(__file__).resolve().parents[1] / "configs" / "postprocess"
     grid = parse_grid(read_grid(here / "sweep_gldv2.yaml"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from glr.synth import _plan, make_blueprints, make_synthetic_gldv2, render_image, sample_class_sizes
+from glr.data.synth import _plan, make_blueprints, make_synthetic_gldv2, render_image, sample_class_sizes
 
 TINY = dict(seed=0, n_landmarks=20, scale=0.1, image_size=32, progress=False)
 HEADERS = {

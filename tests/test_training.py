@@ -14,11 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from glr.data import GLDv2Root, make_transforms
-from glr.experiment import parse_experiment, run_experiment
-from glr.model import EmbeddingNet, build_net, read_artifact, save_artifact
-from glr.training import GLDv2DataModule, LandmarkModule
-from glr.synth import make_synthetic_gldv2
+from glr.data.root import GLDv2Root
+from glr.data.images import make_transforms
+from glr.workflows.experiment import parse_experiment, run_experiment
+from glr.model.net import EmbeddingNet, build_net
+from glr.model.artifact import read_artifact, save_artifact
+from glr.train.datamodule import GLDv2DataModule
+from glr.train.module import LandmarkModule
+from glr.data.synth import make_synthetic_gldv2
 from glr.utils import InputError
 
 TINY = dict(backbone="test_resnet", pretrained=None, image_size=32, epochs=1, batch_size=8, num_workers=0,
@@ -187,7 +190,7 @@ def _lr_rows(run_dir):
 
 
 def test_stage_two_starts_from_stage_one_weights_with_a_fresh_schedule_and_grown_head(root, tmp_path):
-    from glr.pipeline import train
+    from glr.train.fit import train
 
     a1 = train(root, tmp_path / "s1", progress=False, train_set="clean", lr=0.01, **TINY)
     lr1 = _lr_rows(tmp_path / "s1")
@@ -208,7 +211,7 @@ def test_stage_two_starts_from_stage_one_weights_with_a_fresh_schedule_and_grown
 
 
 def test_stage_two_weights_and_head_rows_are_stage_one_when_lr_is_zero(root, tmp_path):
-    from glr.pipeline import train
+    from glr.train.fit import train
 
     a1 = train(root, tmp_path / "s1", progress=False, train_set="clean", head="subcenter_arcface", **TINY)
     opts = {k: v for k, v in TINY.items() if k != "backbone"}
@@ -230,7 +233,7 @@ def test_stage_two_weights_and_head_rows_are_stage_one_when_lr_is_zero(root, tmp
 
 
 def test_unknown_training_option_and_backbone_mismatch_are_refused(root, tmp_path):
-    from glr.pipeline import train
+    from glr.train.fit import train
 
     with pytest.raises(InputError, match="learning_rate"):
         train(root, tmp_path / "x", learning_rate=0.1)

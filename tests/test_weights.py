@@ -2,15 +2,19 @@
 
 import hashlib
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import torch
 
-from glr import weights as W
-from glr.heads import ArcFace
-from glr.model import build_net, save_artifact
+from glr.kaggle.publish import pack
+from glr.model import weights as W
+from glr.utils import file_sha256
+from glr.model.heads import ArcFace
+from glr.model.net import build_net
+from glr.model.artifact import save_artifact
 from glr.utils import InputError
 
 DATA_CONFIG = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
@@ -49,12 +53,12 @@ def _stage(make, exp_dir, stage, experiment="exp1", **meta):
 def test_file_sha256_matches_hashlib(tmp_path, make):
     big = tmp_path / "big.bin"
     big.write_bytes(bytes(range(256)) * 9000)  # > 2 MiB: several chunks and a partial one
-    assert W.file_sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+    assert file_sha256(big) == hashlib.sha256(big.read_bytes()).hexdigest()
     p = make(tmp_path / "a.pt")
-    assert W.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    assert W.file_sha256(empty) == hashlib.sha256(b"").hexdigest()
+    assert file_sha256(empty) == hashlib.sha256(b"").hexdigest()
 
 
 def test_read_artifact_info_from_meta(tmp_path, make):
@@ -275,7 +279,7 @@ def test_pack_builds_a_kaggle_dataset(tmp_path, make, weights_dir):
     W.update_manifest(exp, W.manifest_entry(exp / "s2.pt", cv=CV_JSON))
     loose = make(tmp_path / "loose.pt", experiment=None, stage=None)
     out = tmp_path / "pack"
-    got = W.pack([exp / "s2.pt", weights_dir / "exp020_resnet" / "s1.pt", loose], out, "someone/glr-weights-v1",
+    got = pack([exp / "s2.pt", weights_dir / "exp020_resnet" / "s1.pt", loose], out, "someone/glr-weights-v1",
                  title="GLR landmark weights v1")
     assert got == out
     assert _siblings(out) == ["dataset-metadata.json", "exp010_lite0__s2.pt", "exp020_resnet__s1.pt",
@@ -289,7 +293,7 @@ def test_pack_builds_a_kaggle_dataset(tmp_path, make, weights_dir):
     assert [e["file"] for e in man["entries"]] == ["exp010_lite0__s2.pt", "exp020_resnet__s1.pt", "loose.pt"]
     for e, src in zip(man["entries"], [exp / "s2.pt", weights_dir / "exp020_resnet" / "s1.pt", loose]):
         assert (out / e["file"]).read_bytes() == src.read_bytes()
-        assert e["sha256"] == W.file_sha256(out / e["file"]) and e["bytes"] == src.stat().st_size
+        assert e["sha256"] == file_sha256(out / e["file"]) and e["bytes"] == src.stat().st_size
     assert man["entries"][0]["cv"]["map@100/private"] == 0.39 and man["entries"][1]["cv"] is None
     assert W.read_artifact_info(out / "exp010_lite0__s2.pt")["stage"] == "s2"
     assert not [n for n in _siblings(tmp_path) if n.startswith(".")]
@@ -297,7 +301,7 @@ def test_pack_builds_a_kaggle_dataset(tmp_path, make, weights_dir):
 
 def test_pack_default_title_and_licence(tmp_path, make):
     a = make(tmp_path / "a.pt")
-    out = W.pack([a], tmp_path / "p", "me/glr-models", licence="CC-BY-4.0")
+    out = pack([a], tmp_path / "p", "me/glr-models", licence="CC-BY-4.0")
     meta = json.loads((out / "dataset-metadata.json").read_text())
     assert meta["title"] == "Glr models" and meta["licenses"] == [{"name": "CC-BY-4.0"}]
 
@@ -319,7 +323,7 @@ def test_pack_default_title_and_licence(tmp_path, make):
 def test_pack_validates_metadata(tmp_path, make, dataset_id, title, licence, message):
     a = make(tmp_path / "a.pt")
     with pytest.raises(InputError, match=message):
-        W.pack([a], tmp_path / "pack", dataset_id, title=title, licence=licence)
+        pack([a], tmp_path / "pack", dataset_id, title=title, licence=licence)
     assert not (tmp_path / "pack").exists()
 
 
@@ -329,16 +333,16 @@ def test_pack_refuses_non_empty_dir_and_overwrites_a_pack(tmp_path, make):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match="not empty"):
-        W.pack([a], out, "me/glr-weights")
+        pack([a], out, "me/glr-weights")
     with pytest.raises(InputError, match="holds no previous pack"):
-        W.pack([a], out, "me/glr-weights", overwrite=True)
+        pack([a], out, "me/glr-weights", overwrite=True)
     assert _siblings(out) == ["notes.txt"]
     (out / "notes.txt").unlink()
-    W.pack([a], out, "me/glr-weights")  # an empty folder is fine
+    pack([a], out, "me/glr-weights")  # an empty folder is fine
     with pytest.raises(InputError, match="not empty"):
-        W.pack([a], out, "me/glr-weights")
+        pack([a], out, "me/glr-weights")
     b = make(tmp_path / "b.pt", stage="s2")
-    W.pack([b], out, "me/glr-weights", overwrite=True)
+    pack([b], out, "me/glr-weights", overwrite=True)
     assert _siblings(out) == ["dataset-metadata.json", "exp1__s2.pt", "manifest.json"]
     assert not [n for n in _siblings(tmp_path) if n.startswith(".")]
 
@@ -346,7 +350,7 @@ def test_pack_refuses_non_empty_dir_and_overwrites_a_pack(tmp_path, make):
 def test_pack_leaves_nothing_when_a_source_is_missing(tmp_path, make):
     a = make(tmp_path / "a.pt")
     with pytest.raises(InputError, match="gone.pt"):
-        W.pack([a, tmp_path / "gone.pt"], tmp_path / "pack", "me/glr-weights")
+        pack([a, tmp_path / "gone.pt"], tmp_path / "pack", "me/glr-weights")
     assert _siblings(tmp_path) == ["a.pt"]
 
 
@@ -354,17 +358,17 @@ def test_pack_name_clash(tmp_path, make):
     a = make(tmp_path / "x" / "a.pt")
     b = make(tmp_path / "y" / "b.pt")  # same experiment and stage
     with pytest.raises(InputError, match=r"exp1__s1\.pt"):
-        W.pack([a, b], tmp_path / "pack", "me/glr-weights")
+        pack([a, b], tmp_path / "pack", "me/glr-weights")
     c = make(tmp_path / "x" / "model.pt", experiment=None, stage=None)
     d = make(tmp_path / "y" / "model.pt", experiment=None, stage=None)
     with pytest.raises(InputError, match=r"model\.pt"):
-        W.pack([c, d], tmp_path / "pack", "me/glr-weights")
+        pack([c, d], tmp_path / "pack", "me/glr-weights")
     assert not (tmp_path / "pack").exists()
 
 
 def test_pack_failure_mid_copy_keeps_the_old_pack(tmp_path, make, monkeypatch):
     a, b = make(tmp_path / "a.pt"), make(tmp_path / "b.pt", stage="s2")
-    out = W.pack([a], tmp_path / "pack", "me/glr-weights")
+    out = pack([a], tmp_path / "pack", "me/glr-weights")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = []
 
@@ -374,8 +378,8 @@ def test_pack_failure_mid_copy_keeps_the_old_pack(tmp_path, make, monkeypatch):
             raise OSError(28, "No space left on device")
         return Path(dst).write_bytes(Path(src).read_bytes())
 
-    monkeypatch.setattr(W.shutil, "copyfile", flaky_copy)
+    monkeypatch.setattr(shutil, "copyfile", flaky_copy)
     with pytest.raises(OSError, match="No space"):
-        W.pack([a, b], out, "me/glr-weights", overwrite=True)
+        pack([a, b], out, "me/glr-weights", overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _siblings(tmp_path) == ["a.pt", "b.pt", "pack"]

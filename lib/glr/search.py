@@ -31,6 +31,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from glr.arrays import as_rows, is_rows
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "faiss", "torch", "numpy")
@@ -192,7 +194,6 @@ def knn(
         ValueError: bad shapes, dimensions, k, batch sizes, NaN/inf values or backend.
         RuntimeError: ``use_gpu=True`` and the backend has no GPU.
     """
-    from glr.shards import is_rows  # noqa: PLC0415
 
     name = resolve_backend(backend, use_gpu)
     if query_batch is not None:
@@ -229,7 +230,6 @@ def _knn_arrays(q: np.ndarray, db: np.ndarray, kk: int, name: str, use_gpu: bool
 def _knn_rows(q: Any, db: Any, k: int, name: str, use_gpu: bool | None, query_batch: int | None,
               db_batch: int | None, progress: bool) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn` over lazy row sources: database blocks outside, query blocks inside, running top-k."""
-    from glr.shards import as_rows  # noqa: PLC0415
 
     q, db = as_rows(q), as_rows(db)
     if len(q) and len(db) and q.shape[1] != db.shape[1]:

@@ -30,21 +30,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from glr.arrays import ConcatRows, as_rows, is_rows, l2_normalize
+from glr.embed.store import ShardedEmbeddings, create_store, write_shard
 from glr.search import _as_matrix as _matrix
 from glr.search import knn
-from glr.shards import ConcatRows, as_rows, is_rows
 
 log = logging.getLogger(__name__)
 
 #: Rows per block when gathering neighbour vectors ((rows, k, D) float32 temporaries).
 GATHER_BYTES = 128 << 20
-
-
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows scaled to unit L2 norm; (N, D) → (N, D) float32 C-contiguous (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    n = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(n, eps), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- ensembles
@@ -176,7 +170,6 @@ def _weighted_store(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: f
     """:func:`_weighted_sum` written shard by shard into a new store at ``out`` with ``like``'s
     ids, shard size and dtype (a :class:`~glr.shards.ShardedEmbeddings`); its unreadable rows
     stay zero and flagged. Returns the new store, opened."""
-    from glr.shards import ShardedEmbeddings, create_store, write_shard  # noqa: PLC0415
 
     if not isinstance(like, ShardedEmbeddings):
         raise ValueError(f"{what}: out= needs the database as a sharded store (glr.shards.ShardedEmbeddings)")

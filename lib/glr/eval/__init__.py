@@ -1,0 +1,2 @@
+"""Evaluation beyond the official scorer: the post-processing sweep and revisitop (Oxford / Paris).
+"""

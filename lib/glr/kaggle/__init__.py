@@ -1,0 +1,2 @@
+"""Kaggle: the client (datasets, kernels, submissions), weights packs, the offline kernel.
+"""

@@ -1,0 +1,589 @@
+"""What runs on Kaggle: inputs found, fallback first, ensemble embedded, post-processed, written.
+
+The generated script (:mod:`glr.kaggle.kernel.build`) unpacks the package's inference modules and
+calls :func:`main` with the settings it was built with. Everything here must run offline on
+Kaggle's image: no Lightning, no ``glr`` install, faiss only when importable (or installed
+from the wheels dataset), torch search otherwise, the GPU with fp16 autocast when present.
+
+Order of work, so that a crash or a time-out never costs the submission:
+
+1. find the competition, weights and wheels folders under either mount layout
+   (``/kaggle/input/<slug>`` or ``/kaggle/input/competitions/<slug>`` and
+   ``/kaggle/input/datasets/<owner>/<slug>``, then a marker search);
+2. list the test and index images (a missing folder counts as empty);
+3. detect the phase: ``rerun`` (``KAGGLE_IS_COMPETITION_RERUN`` is set: the hidden test
+   set), ``commit`` (as many test images as ``sample_submission.csv`` has rows: the public
+   commit run), else ``local``; write the fallback submission (the sample's cells for the
+   ids it has, empty cells for the rest) atomically. ``commit_mode: fallback`` stops here
+   in the commit run;
+4. embed test and index (and train, for the landmark–country re-ranking or recognition)
+   with every ensemble member; unreadable images are counted and skipped (an unreadable
+   query keeps an empty row, an unreadable index image is left out of the index);
+5. search and post-process with the built-in chain (:func:`glr.postprocess.steps.retrieve`),
+   then replace the fallback with the real submission, validated, atomically.
+
+Every step is timed; the log ends with a table projecting the total for a hidden set of
+``hidden_test_size`` images. ``glr_kernel_report.json`` beside ``submission.csv`` records
+the status (``ok``; ``fallback`` with a ``reason`` or an ``error``: the fallback is the
+output; ``failed``: a failure before the fallback was written, an empty one is then tried),
+counts (with ``test_unreadable``, ``index_unreadable``, ``train_unreadable``) and timings; a
+report that cannot be written (a full disk) is only logged. No test image (an empty or
+missing ``test/`` folder) is not a failure: the fallback (the sample's rows; the header alone
+when the sample has none or is absent) is the output, status ``fallback``, reason
+``no test images``, exit status 0.
+
+Any failure after the fallback (a crash, a full disk when writing the real submission, which
+is replaced atomically or not at all) leaves the fallback in place; the exit status is then 0
+in the rerun (the fallback still scores) and 1 otherwise (so a commit run that fails shows as
+failed). Exit status 1 as well when no submission could be written at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger("glr.kaggle.kernel")
+
+#: Every kernel setting with its default (the build writes the rest into the script).
+SETTINGS_DEFAULTS: dict[str, Any] = dict(
+    name="glr-kernel",
+    task="retrieval",                    # retrieval (id,images) | recognition (id,landmarks)
+    competition="landmark-retrieval-2021",
+    weights_dataset=None,                # "owner/slug" of the weights dataset
+    wheels_dataset=None,                 # "owner/slug" of the wheels dataset, or None
+    members=[],                          # [{"file", "weight", "image_size"}]
+    ensemble_mode="concat",
+    tta_flip=False,
+    tta_scales=[1.0],
+    postprocess={},                      # a glr.postprocess.steps config
+    k=100,
+    train_subset="clean",                # the tagging / recognition database
+    recognition_top_k=5,
+    batch_size=64,
+    num_workers=2,
+    commit_mode="full",                  # full | fallback: what the public commit run does
+    hidden_test_size=None,               # projection: test images in the hidden set
+    hidden_index_size=None,              # projection: index images in the hidden set (default: same)
+    modules=["faiss"],                   # modules to install from the wheels dataset when missing
+    progress=True,
+    limit_test=None,                     # local iteration only: the first N test images (ignored in the rerun)
+    limit_index=None,                    # local iteration only: the first N index images (ignored in the rerun)
+)
+REPORT = "glr_kernel_report.json"
+SUBMISSION = "submission.csv"
+TRAIN_EMBEDDINGS = "train_embeddings.npz"   # optional, in the weights dataset: precomputed train rows
+COUNTRIES = "train_label_to_country.csv"    # optional, in the competition or the weights dataset
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass
+class StepTimer:
+    """Wall time per step, each tagged with what it scales with (``test``, ``index``,
+    ``train`` or None for fixed costs)."""
+
+    rows: list[tuple[str, float, str | None]] = field(default_factory=list)
+    start: float = field(default_factory=time.perf_counter)
+
+    @contextlib.contextmanager
+    def step(self, name: str, scales_with: str | None = None) -> Iterator[None]:
+        log.info("step %s ...", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.rows.append((name, dt, scales_with))
+            log.info("step %s: %.1f s (%.1f s so far)", name, dt, time.perf_counter() - self.start)
+
+    def projection(self, counts: Mapping[str, int], hidden: Mapping[str, int | None]) -> list[dict[str, Any]]:
+        """Each step's seconds and its projection: seconds × hidden[scales_with] / counts[scales_with]
+        (1 when either is unknown). kNN search and the chain are projected with the test count
+        (linear in the queries for a fixed index; k-reciprocal's joint graph grows faster)."""
+        out = []
+        for name, sec, scale in self.rows:
+            n, h = counts.get(scale or "", 0), hidden.get(scale or "")
+            factor = h / n if scale and n and h else 1.0
+            out.append({"step": name, "seconds": round(sec, 3), "scales_with": scale,
+                        "projected_seconds": round(sec * factor, 3)})
+        return out
+
+
+def format_projection(rows: Sequence[Mapping[str, Any]], counts: Mapping[str, int],
+                      hidden: Mapping[str, int | None]) -> str:
+    """The timing table as text, with totals."""
+    lines = [f"{'step':<34} {'seconds':>9} {'scales with':>12} {'projected':>10}"]
+    for r in rows:
+        scale = r["scales_with"] or "-"
+        lines.append(f"{r['step']:<34} {r['seconds']:>9.1f} {scale:>12} {r['projected_seconds']:>10.1f}")
+    total = sum(r["seconds"] for r in rows)
+    proj = sum(r["projected_seconds"] for r in rows)
+    sizes = ", ".join(f"{k} {counts.get(k, 0)} → {v}" for k, v in hidden.items() if v)
+    lines.append(f"{'total':<34} {total:>9.1f} {'':>12} {proj:>10.1f}")
+    if sizes:
+        lines.append(f"projected for the hidden set ({sizes}): {proj / 60:.1f} min")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    """The folders the kernel reads; ``layout`` says how they were found."""
+
+    competition: Path | None
+    weights: Path | None
+    wheels: Path | None
+    layout: str
+
+
+def _dataset_candidates(input_root: Path, dataset: str | None) -> list[Path]:
+    if not dataset:
+        return []
+    owner, _, slug = dataset.rpartition("/")
+    out = [input_root / slug, input_root / "datasets" / slug]
+    if owner:
+        out.insert(1, input_root / "datasets" / owner / slug)
+    return out
+
+
+def _walk_dirs(root: Path, depth: int = 4) -> Iterator[Path]:
+    """Folders under ``root`` (``root`` included), breadth first, at most ``depth`` levels down."""
+    level = [root]
+    for _ in range(depth + 1):
+        nxt = []
+        for d in level:
+            yield d
+            with contextlib.suppress(OSError):
+                nxt += sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        level = nxt
+
+
+def _is_competition(d: Path) -> bool:
+    return (d / "test").is_dir() or (d / "sample_submission.csv").is_file()
+
+
+def find_inputs(input_root: str | os.PathLike, settings: Mapping[str, Any]) -> Inputs:
+    """Locate the competition data, the weights dataset and the wheels dataset.
+
+    Tries the classic mount (``<input>/<slug>``), then the nested one
+    (``<input>/competitions/<slug>``, ``<input>/datasets/<owner>/<slug>``), then any folder
+    at most four levels down that looks right (competition: ``test/`` or
+    ``sample_submission.csv``; weights: every member file; wheels: ``*.whl`` files).
+    """
+    input_root = Path(input_root)
+    slug = settings.get("competition") or ""
+    members = [m["file"] for m in settings.get("members", [])]
+    layout = []
+
+    def pick(kind: str, candidates: Sequence[Path], ok) -> Path | None:
+        for c in candidates:
+            if c.is_dir() and ok(c):
+                layout.append(f"{kind}: {'nested' if c.parent != input_root else 'classic'}")
+                return c
+        for d in _walk_dirs(input_root):
+            if ok(d):
+                layout.append(f"{kind}: found at {d}")
+                return d
+        return None
+
+    comp = pick("competition", [input_root / slug, input_root / "competitions" / slug] if slug else [],
+                _is_competition)
+    weights = pick("weights", _dataset_candidates(input_root, settings.get("weights_dataset")),
+                   lambda d: bool(members) and all((d / f).is_file() for f in members))
+    wheels = pick("wheels", _dataset_candidates(input_root, settings.get("wheels_dataset")),
+                  lambda d: any(d.glob("*.whl"))) if settings.get("wheels_dataset") else None
+    return Inputs(comp, weights, wheels, "; ".join(layout))
+
+
+def list_images(folder: Path | None, split: str) -> tuple[list[str], int]:
+    """Ids of ``<folder>/<split>/<a>/<b>/<c>/<id>.jpg`` (in ``<split>.csv`` order when there is one,
+    else sorted) and the number of ``.jpg`` files elsewhere in that tree (skipped: they could not be
+    found by id). A missing folder is empty."""
+    base = None if folder is None else folder / split
+    if base is None or not base.is_dir():
+        log.warning("no %s/ folder%s: 0 %s images", split, "" if folder is None else f" in {folder}", split)
+        return [], 0
+    ids, misplaced = [], 0
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel = Path(dirpath).relative_to(base).parts
+        for name in filenames:
+            if not name.endswith(".jpg") or name.startswith("."):
+                continue
+            stem = name[:-4]
+            if len(rel) == 3 and len(stem) >= 3 and tuple(stem[:3]) == rel:
+                ids.append(stem)
+            else:
+                misplaced += 1
+    if misplaced:
+        log.warning("%d .jpg files under %s are not at %s/<id[0]>/<id[1]>/<id[2]>/<id>.jpg; skipped",
+                    misplaced, base, split)
+    return _listed_order(folder / f"{split}.csv", ids), misplaced
+
+
+def _listed_order(listing: Path, ids: list[str]) -> list[str]:
+    """``ids`` in the order of ``<split>.csv`` when the root has one (the order the library uses,
+    so that near-ties break the same way), then the unlisted ones sorted; sorted without it."""
+    ids = sorted(ids)
+    if not listing.is_file():
+        return ids
+    from glr.data.readers import read_ids  # noqa: PLC0415
+    from glr.utils import InputError  # noqa: PLC0415
+
+    try:
+        listed = read_ids(listing)
+    except InputError as e:
+        log.warning("ignoring %s: %s", listing.name, e)
+        return ids
+    present = set(ids)
+    order = [i for i in listed if i in present]
+    seen = set(order)
+    return order + [i for i in ids if i not in seen]
+
+
+# --------------------------------------------------------------------------- phase and fallback
+def read_sample(comp: Path | None, task: str) -> dict[str, str] | None:
+    """``sample_submission.csv`` as id → cell, or None when absent or unreadable."""
+    from glr.submission import read_submission  # noqa: PLC0415
+    from glr.utils import InputError  # noqa: PLC0415
+
+    path = None if comp is None else comp / "sample_submission.csv"
+    if path is None or not path.is_file():
+        return None
+    try:
+        return dict(read_submission(path, task))
+    except InputError as e:
+        log.warning("ignoring the sample submission: %s", e)
+        return None
+
+
+def detect_phase(n_test: int, sample: Mapping[str, str] | None) -> str:
+    """``rerun`` (hidden test set), ``commit`` (the visible sample) or ``local``."""
+    if os.environ.get("KAGGLE_IS_COMPETITION_RERUN"):
+        return "rerun"
+    if sample is not None and len(sample) == n_test:
+        return "commit"
+    return "local"
+
+
+def write_fallback(out: Path, task: str, test_ids: Sequence[str], sample: Mapping[str, str] | None) -> int:
+    """Write the fallback submission: one row per test id (the sample's cell when it has the
+    id and the cell is valid, else empty); the sample's rows when no test image was listed.
+    Returns the number of rows."""
+    from glr.submission import write_submission  # noqa: PLC0415
+    from glr.utils import InputError  # noqa: PLC0415
+
+    sample = dict(sample or {})
+    rows = [(i, sample.get(i, "")) for i in test_ids] if test_ids else list(sample.items())
+    try:
+        write_submission(out, rows, task)  # validates before writing anything
+    except InputError:
+        write_submission(out, [(i, "") for i, _ in rows], task)
+    return len(rows)
+
+
+# --------------------------------------------------------------------------- wheels
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def ensure_modules(modules: Sequence[str], wheels: Path | None) -> list[str]:
+    """Install the wheels of ``wheels`` (``pip --no-index --no-deps --target``, into a temporary
+    folder put first on ``sys.path``) when one of ``modules`` does not import. Returns the
+    modules still missing (the kernel then falls back: torch search instead of faiss)."""
+    missing = [m for m in modules if not _importable(m)]
+    if not missing:
+        return []
+    files = sorted(wheels.glob("*.whl")) if wheels is not None else []
+    if not files:
+        log.warning("%s not importable and no wheels dataset: falling back", ", ".join(missing))
+        return missing
+    target = Path(tempfile.mkdtemp(prefix="glr_wheels_"))
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
+           "--target", str(target), *map(str, files)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        log.warning("pip could not install the wheels (exit %d): %s", done.returncode, done.stderr.strip()[-500:])
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    still = [m for m in missing if not _importable(m)]
+    log.info("installed %d wheel(s) from %s; %s", len(files), wheels,
+             f"still missing: {', '.join(still)}" if still else f"{', '.join(missing)} now import(s)")
+    return still
+
+
+# --------------------------------------------------------------------------- the work
+def _environment() -> dict[str, Any]:
+    import torch  # noqa: PLC0415
+
+    from glr.search import resolve_backend  # noqa: PLC0415
+
+    cuda = torch.cuda.is_available()
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "fp16": cuda,
+            "search": resolve_backend("auto")}
+
+
+def embed_ensemble(settings: Mapping[str, Any], weights: Path, comp: Path,
+                   splits: Mapping[str, Sequence[str]], timer: StepTimer
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Every member's embeddings of every split, combined as the ensemble says.
+
+    Returns:
+        ``(emb, ok)``: split → (N, D) float32 rows in ``splits`` order (zero rows for
+        unreadable images), and split → (N,) bool (readable by every member).
+    """
+    import torch  # noqa: PLC0415
+
+    from glr.embed.extract import default_device, embed_images  # noqa: PLC0415
+    from glr.model.artifact import load_artifact  # noqa: PLC0415
+    from glr.postprocess.expansion import combine_embeddings  # noqa: PLC0415
+
+    device = default_device()
+    blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
+    ok = {s: np.ones(len(ids), bool) for s, ids in splits.items()}
+    for m in settings["members"]:
+        with timer.step(f"load {m['file']}"):
+            net, data_config, _ = load_artifact(weights / m["file"])
+        size = int(m.get("image_size") or data_config["image_size"])
+        for s, ids in splits.items():
+            with timer.step(f"embed {s} {Path(m['file']).stem} @{size}", scales_with=s):
+                emb, good = embed_images(net, comp, s, ids, size, int(settings["batch_size"]),
+                                         int(settings["num_workers"]), device=device,
+                                         progress=bool(settings["progress"]), flip=bool(settings["tta_flip"]),
+                                         scales=settings["tta_scales"], mean=data_config.get("mean"),
+                                         std=data_config.get("std"), skip_unreadable=True)
+            blocks[s].append(emb)
+            ok[s] &= good
+        del net
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    weights_ = [float(m.get("weight", 1.0)) for m in settings["members"]]
+    emb = {s: combine_embeddings(b, weights_, mode=settings["ensemble_mode"]) for s, b in blocks.items()}
+    for s in emb:
+        emb[s][~ok[s]] = 0.0  # unreadable for any member: unreadable
+    return emb, ok
+
+
+def _train_rows(settings: Mapping[str, Any], comp: Path, weights: Path,
+                timer: StepTimer) -> tuple[list[str], list[int], np.ndarray | None]:
+    """Train ids and landmarks of the tagging / recognition database, and their precomputed
+    embeddings when the weights dataset has ``train_embeddings.npz`` covering every id."""
+    from glr.data.root import GLDv2Root  # noqa: PLC0415
+    from glr.embed.npz import load_embeddings  # noqa: PLC0415
+
+    pairs = GLDv2Root.open(comp).train_ids_labels(settings["train_subset"])
+    ids, landmarks = [i for i, _ in pairs], [lm for _, lm in pairs]
+    pre = weights / TRAIN_EMBEDDINGS
+    if pre.is_file():
+        with timer.step("load train embeddings"):
+            got, e = load_embeddings(pre)
+            row = {i: r for r, i in enumerate(got)}
+            if all(i in row for i in ids):
+                return ids, landmarks, np.ascontiguousarray(e[[row[i] for i in ids]])
+            log.warning("%s lacks some train ids; embedding the train images instead", pre)
+    return ids, landmarks, None
+
+
+def _countries(comp: Path, weights: Path) -> dict[int, str] | None:
+    from glr.data.readers import read_label_table  # noqa: PLC0415
+
+    for folder in (comp, weights):
+        if (folder / COUNTRIES).is_file():
+            return read_label_table(folder / COUNTRIES, "country")
+    return None
+
+
+def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, test_ids: Sequence[str],
+            index_ids: Sequence[str], timer: StepTimer) -> dict[str, Any]:
+    """Embed, search, post-process and write ``out`` (validated, atomically). Returns counts."""
+    from glr.data.readers import image_path  # noqa: PLC0415
+    from glr.postprocess.cache import GraphCache
+    from glr.postprocess.chain import Context, retrieve, train_context
+    from glr.postprocess.config import STEP_NEEDS, normalize_config
+    from glr.search import knn  # noqa: PLC0415
+    from glr.submission import recognition_predictions, recognition_rows, retrieval_rows, write_submission  # noqa: PLC0415
+
+    task = settings["task"]
+    config = normalize_config(settings.get("postprocess") or {}, "the kernel's post-processing settings")
+    config["k"] = int(settings["k"])
+    needs_train = task == "recognition" or any(config.get(s) and "train" in STEP_NEEDS.get(s, ())
+                                               for s in config)
+    splits: dict[str, Sequence[str]] = {"test": list(test_ids)}
+    if task == "retrieval" and index_ids:
+        splits["index"] = list(index_ids)
+    train_ids, train_lm, train_emb = ([], [], None)
+    if needs_train:
+        train_ids, train_lm, train_emb = _train_rows(settings, comp, weights, timer)
+        if train_emb is None:
+            splits["train"] = train_ids
+    emb, ok = embed_ensemble(settings, weights, comp, splits, timer)
+    if needs_train:
+        t_emb, t_ok = (train_emb, np.ones(len(train_ids), bool)) if train_emb is not None else (emb["train"], ok["train"])
+        ctx = train_context(t_emb[t_ok], np.asarray(train_lm)[t_ok], _countries(comp, weights))
+    else:
+        ctx = Context()
+    q_keep = np.flatnonzero(ok["test"])
+    q_ids = [test_ids[i] for i in q_keep]
+    counts = {"test": len(test_ids), "test_unreadable": int((~ok["test"]).sum())}
+    if task == "retrieval":
+        db_keep = np.flatnonzero(ok["index"]) if "index" in splits else np.zeros(0, np.int64)
+        db_ids = [index_ids[i] for i in db_keep]
+        counts.update(index=len(index_ids), index_unreadable=len(index_ids) - len(db_ids))
+        if not db_ids:
+            log.warning("no readable index image: every query gets an empty row")
+        if config.get("spatial"):
+            ctx.q_paths = [str(image_path(comp, "test", i)) for i in q_ids]
+            ctx.db_paths = [str(image_path(comp, "index", i)) for i in db_ids]
+        with timer.step("search + post-processing", scales_with="test"):
+            if len(q_ids) and len(db_ids):
+                _, I, _ = retrieve(emb["test"][q_keep], emb["index"][db_keep], config, ctx=ctx,
+                                   cache=GraphCache(progress=bool(settings["progress"])),
+                                   progress=bool(settings["progress"]))
+            else:
+                I = np.zeros((len(q_ids), 0), np.int64)
+        found = dict(retrieval_rows(q_ids, db_ids, I))
+        rows = [(i, found.get(i, "")) for i in test_ids]
+        with timer.step("write submission"):
+            write_submission(out, rows, "retrieval", expected_ids=test_ids, index_ids=set(db_ids))
+    else:
+        with timer.step("recognition vote", scales_with="test"):
+            top = int(settings["recognition_top_k"])
+            S, I = knn(emb["test"][q_keep], ctx.train, top)
+            labels, scores = recognition_predictions(S, I, ctx.train_landmarks, top_k=top)
+        found = dict(recognition_rows(q_ids, labels, scores))
+        rows = [(i, found.get(i, "")) for i in test_ids]
+        with timer.step("write submission"):
+            write_submission(out, rows, "recognition", expected_ids=test_ids)
+    if needs_train:
+        counts.update(train=len(train_ids), train_unreadable=int(len(train_ids) - t_ok.sum()))
+    return counts
+
+
+def _settings(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    s = {**SETTINGS_DEFAULTS, **(settings or {})}
+    extra = os.environ.get("GLR_KERNEL_SETTINGS")  # local runs override settings without a rebuild
+    if extra:
+        s.update(json.loads(extra))
+    unknown = sorted(set(s) - set(SETTINGS_DEFAULTS) - {"glr_version", "built"})
+    if unknown:
+        raise ValueError(f"unknown kernel setting(s): {', '.join(unknown)}")
+    if s["task"] not in ("retrieval", "recognition"):
+        raise ValueError(f"task must be retrieval or recognition, got {s['task']!r}")
+    return s
+
+
+def main(settings: Mapping[str, Any] | None = None, kaggle_root: str | os.PathLike | None = None) -> int:
+    """Run the kernel; returns the exit status (see the module docstring). Logs to stdout with
+    timestamps while it runs; the root logger's handlers are put back afterwards."""
+    root_logger = logging.getLogger()
+    saved = root_logger.handlers[:], root_logger.level
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    root_logger.handlers[:] = [handler]
+    root_logger.setLevel(logging.INFO)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        return _main(settings, kaggle_root)
+    finally:
+        root_logger.handlers[:] = saved[0]
+        root_logger.setLevel(saved[1])
+
+
+def _main(settings: Mapping[str, Any] | None, kaggle_root: str | os.PathLike | None) -> int:
+    if not sys.stderr.isatty():  # Kaggle's log: a progress line every 20 s, not every update
+        os.environ.setdefault("TQDM_MININTERVAL", "20")
+    timer = StepTimer()
+    root = Path(kaggle_root or os.environ.get("GLR_KAGGLE_ROOT", "/kaggle"))
+    working = root / "working"
+    working.mkdir(parents=True, exist_ok=True)
+    out = working / SUBMISSION
+    report: dict[str, Any] = {"status": "started", "counts": {}}
+    phase = "rerun" if os.environ.get("KAGGLE_IS_COMPETITION_RERUN") else "local"
+    s: dict[str, Any] = dict(SETTINGS_DEFAULTS)
+    test_ids: list[str] = []
+    try:
+        s = _settings(settings)
+        report["settings"] = {k: s[k] for k in ("name", "task", "competition", "glr_version") if k in s}
+        log.info("glr kernel %s (glr %s), task %s", s["name"], s.get("glr_version", "?"), s["task"])
+        inputs = find_inputs(root / "input", s)
+        report["inputs"] = {"competition": str(inputs.competition), "weights": str(inputs.weights),
+                            "wheels": str(inputs.wheels), "layout": inputs.layout}
+        log.info("inputs: %s", report["inputs"])
+        with timer.step("list images"):
+            test_ids, skipped_test = list_images(inputs.competition, "test")
+            index_ids, skipped_index = (list_images(inputs.competition, "index") if s["task"] == "retrieval"
+                                        else ([], 0))
+        sample = read_sample(inputs.competition, s["task"])
+        phase = detect_phase(len(test_ids), sample)
+        if s["limit_test"] or s["limit_index"]:
+            if phase == "rerun":
+                log.warning("limit_test / limit_index are for local iteration: ignored in the rerun")
+            else:
+                test_ids = test_ids[: s["limit_test"] or None]
+                index_ids = index_ids[: s["limit_index"] or None]
+                log.info("local iteration: limited to %d test and %d index images", len(test_ids), len(index_ids))
+        report["counts"] = {"test": len(test_ids), "index": len(index_ids), "test_misplaced": skipped_test,
+                            "index_misplaced": skipped_index}
+        log.info("phase %s: %d test, %d index images", phase, len(test_ids), len(index_ids))
+        with timer.step("fallback submission"):
+            report["fallback_rows"] = write_fallback(out, s["task"], test_ids, sample)
+        report["status"] = "fallback"
+        if phase == "commit" and s["commit_mode"] == "fallback":
+            log.info("commit run with commit_mode=fallback: the fallback submission is the output")
+            report["reason"] = "commit_mode fallback"
+            return 0
+        if not test_ids:
+            log.warning("no test images: the fallback submission (%d rows) is the output", report["fallback_rows"])
+            report["reason"] = "no test images"
+            return 0
+        if inputs.competition is None or inputs.weights is None:
+            raise FileNotFoundError(f"competition data or weights dataset not found under {root / 'input'} "
+                                    f"(looked for {s['competition']!r} and {s['weights_dataset']!r})")
+        with timer.step("wheels"):
+            report["missing_modules"] = ensure_modules(s["modules"], inputs.wheels)
+        report["environment"] = _environment()
+        log.info("environment: %s", report["environment"])
+        report["counts"].update(predict(s, inputs.competition, inputs.weights, out, test_ids, index_ids, timer))
+        report["status"] = "ok"
+        return 0
+    except Exception as e:  # noqa: BLE001 - the fallback must survive anything
+        report["status"] = "failed" if report["status"] == "started" else "fallback"
+        report["error"] = f"{type(e).__name__}: {e}"
+        log.error("KERNEL FAILED (%s); %s\n%s", report["error"],
+                  "the fallback submission stays" if out.is_file() else "writing an empty one", traceback.format_exc())
+        if not out.is_file():
+            with contextlib.suppress(Exception):
+                write_fallback(out, s.get("task", "retrieval"), test_ids, None)
+        return 0 if phase == "rerun" and out.is_file() else 1
+    finally:
+        counts = {k: v for k, v in report.get("counts", {}).items() if k in ("test", "index", "train")}
+        hidden = {"test": s.get("hidden_test_size"), "index": s.get("hidden_index_size")}
+        report["phase"] = phase
+        report["timing"] = timer.projection(counts, hidden)
+        report["seconds"] = round(time.perf_counter() - timer.start, 3)
+        log.info("timing (status %s):\n%s", report["status"], format_projection(report["timing"], counts, hidden))
+        try:  # atomically: a failed write (a full disk) leaves no partial file and must not end the kernel
+            from glr.utils import atomic_write  # noqa: PLC0415
+
+            with atomic_write(working / REPORT) as f:
+                f.write(json.dumps(report, indent=2, default=str))
+        except Exception as e:  # noqa: BLE001
+            log.error("could not write %s: %s", REPORT, e)

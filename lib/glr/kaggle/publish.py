@@ -1,0 +1,193 @@
+"""Kaggle dataset folders of trained artifacts (``glr weights pack``): the files, ``manifest.json``
+(sha256, CV) and ``dataset-metadata.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from glr.model.weights import MANIFEST, _entry, _safe_name, read_artifact_info, read_manifest
+from glr.utils import InputError, file_sha256
+
+log = logging.getLogger(__name__)
+
+KAGGLE_METADATA = "dataset-metadata.json"
+
+
+#: Licence names ``kaggle datasets create`` accepts (Kaggle/kaggle-api ``docs/datasets_metadata.md``).
+KAGGLE_LICENSES = (
+    "CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0", "DbCL-1.0",
+    "copyright-authors", "other", "unknown", "CC-BY-4.0", "CC-BY-NC-4.0", "PDDL", "CC-BY-3.0", "CC-BY-3.0-IGO",
+    "US-Government-Works", "CC-BY-NC-SA-3.0-IGO", "CDLA-Permissive-1.0", "CDLA-Sharing-1.0", "CC-BY-ND-4.0",
+    "CC-BY-NC-ND-4.0", "ODC-BY-1.0", "LGPL-3.0", "AGPL-3.0", "FDL-1.3", "EU-ODP-Legal-Notice", "apache-2.0",
+    "GPL-3.0",
+)
+
+
+#: Slug: lower-case letters and digits in hyphen-separated words. Kaggle's client only checks the
+#: length (6–50); the character set is this kit's rule, so a slug is used as given in the URL.
+_SLUG_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+
+
+_OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _check_dataset_id(dataset_id: str) -> tuple[str, str]:
+    if not isinstance(dataset_id, str) or dataset_id.count("/") != 1:
+        raise InputError(f"dataset id must be 'owner/slug', not {dataset_id!r}")
+    owner, slug = dataset_id.split("/")
+    if not _OWNER_RE.fullmatch(owner):
+        raise InputError(f"dataset owner {owner!r} must be a Kaggle user or organisation name "
+                         "(letters, digits, '-', '_')")
+    if not 6 <= len(slug) <= 50:
+        raise InputError(f"dataset slug {slug!r} has {len(slug)} characters; kaggle needs 6 to 50")
+    if not _SLUG_RE.fullmatch(slug):
+        raise InputError(f"dataset slug {slug!r} must be lower-case letters and digits separated by single hyphens")
+    return owner, slug
+
+
+def _check_title(title: str) -> str:
+    if not isinstance(title, str):
+        raise InputError(f"dataset title must be a string, not {title!r}")
+    title = title.strip()
+    if not 6 <= len(title) <= 50:
+        raise InputError(f"dataset title {title!r} has {len(title)} characters; kaggle needs 6 to 50")
+    if title == "INSERT_TITLE_HERE":
+        raise InputError("dataset title is kaggle's placeholder")
+    return title
+
+
+def _neighbour_cv(artifact: Path, sha256: str) -> dict | None:
+    """CV figures recorded for this exact file in the manifest beside it, if any."""
+    if not (artifact.parent / MANIFEST).is_file():
+        return None
+    try:
+        data = read_manifest(artifact.parent)
+    except InputError as e:
+        log.warning("ignoring the manifest beside %s: %s", artifact, e)
+        return None
+    for e in data["stages"]:
+        if e.get("sha256") == sha256 and isinstance(e.get("cv"), dict):
+            return e["cv"]
+    return None
+
+
+def _looks_like_pack(folder: Path) -> bool:
+    return (folder / KAGGLE_METADATA).is_file() and (folder / MANIFEST).is_file()
+
+
+def pack(artifacts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dataset_id: str,
+         title: str | None = None, licence: str = "CC0-1.0", overwrite: bool = False) -> Path:
+    """Build a Kaggle dataset folder for ``kaggle datasets create -p out_dir``.
+
+    Each artifact is copied as ``<experiment>__<stage>.pt`` (its file stem when the artifact
+    does not name both), next to ``manifest.json`` (``{"dataset", "title", "entries": [...]}``,
+    one :func:`manifest_entry` per packed file, with CV figures carried over from the manifest
+    beside the source when it records the same hash) and ``dataset-metadata.json``
+    (``{"title", "id", "licenses": [{"name"}]}``). The folder is flat: ``kaggle datasets
+    create`` skips sub-folders by default.
+
+    The pack is built in a hidden sibling folder and renamed into place at the end, so a
+    failure leaves ``out_dir`` as it was.
+
+    Args:
+        artifacts: artifact files, in the order to list them.
+        out_dir: the folder to create; must be absent or empty unless ``overwrite``.
+        dataset_id: ``owner/slug``; slug 6–50 characters, lower-case letters, digits, hyphens.
+        title: 6–50 characters (kaggle's client rule); default from the slug.
+        licence: one of :data:`KAGGLE_LICENSES`.
+        overwrite: replace an existing pack folder (one holding ``dataset-metadata.json`` and
+            ``manifest.json``); any other non-empty folder is refused.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        InputError: bad id, title or licence, no artifacts, a missing or foreign artifact, two
+            artifacts packing to the same name, or a non-empty ``out_dir``.
+    """
+    _, slug = _check_dataset_id(dataset_id)
+    title = _check_title(title if title is not None else slug.replace("-", " ").capitalize())
+    if licence not in KAGGLE_LICENSES:
+        raise InputError(f"licence {licence!r} is not one kaggle accepts ({', '.join(KAGGLE_LICENSES)})")
+    if isinstance(artifacts, (str, os.PathLike)):
+        artifacts = [artifacts]
+    if not artifacts:
+        raise InputError("nothing to pack: no artifacts given")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InputError("pack folder is a file", out_dir)
+        if any(out_dir.iterdir()):
+            if not overwrite:
+                raise InputError("pack folder is not empty (pass overwrite=True to replace a previous pack)",
+                                 out_dir)
+            if not _looks_like_pack(out_dir):
+                raise InputError(f"pack folder is not empty and holds no previous pack ({KAGGLE_METADATA} "
+                                 f"and {MANIFEST}); refusing to replace it", out_dir)
+
+    # check every source before writing anything
+    plan: list[tuple[Path, str, dict[str, Any]]] = []
+    by_name: dict[str, Path] = {}
+    for a in artifacts:
+        a = Path(a)
+        info = read_artifact_info(a)
+        if info["experiment"] and info["stage"]:
+            name = f"{_safe_name(str(info['experiment']))}__{_safe_name(str(info['stage']))}.pt"
+        else:
+            name = f"{_safe_name(a.stem)}.pt"
+        if name in by_name:
+            raise InputError(f"packs to {name}, as {by_name[name]} does; give the artifacts distinct "
+                             "meta experiment/stage or file names", a)
+        by_name[name] = a
+        plan.append((a, name, info))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        entries = []
+        for src, name, info in plan:
+            dst = tmp / name
+            shutil.copyfile(src, dst)
+            digest = file_sha256(dst)
+            entry = _entry(info, dst, _neighbour_cv(src, digest), sha256=digest)
+            entries.append(entry)
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump({"dataset": dataset_id, "title": title, "entries": entries}, f, indent=2)
+            f.write("\n")
+        lines = [f"glr model artifacts ({len(entries)} file{'s' * (len(entries) != 1)}), see {MANIFEST}.", ""]
+        for e in entries:
+            cv = e["cv"] or {}
+            figure = f", CV mAP@100 private {cv['map@100/private']:.4f}" if cv.get("map@100/private") is not None else ""
+            lines.append(f"- `{e['file']}`: {e['backbone']} @ {e['image_size']} px, train set {e['train_set']}"
+                         f"{figure}")
+        metadata = {"title": title, "id": dataset_id, "licenses": [{"name": licence}],
+                    "description": "\n".join(lines) + "\n"}
+        with open(tmp / KAGGLE_METADATA, "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=2)
+            f.write("\n")
+        # swap into place: an old pack is moved aside first and removed only once the new one is in
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.rmdir(old)
+            os.rename(out_dir, old)
+        try:
+            os.rename(tmp, out_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

