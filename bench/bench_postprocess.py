@@ -26,7 +26,8 @@ import time
 
 import numpy as np
 
-from glr.postprocess.steps import Context, GraphCache, retrieve
+from glr.postprocess.chain import Context, retrieve
+from glr.postprocess.cache import GraphCache
 from glr.search import knn
 
 FULL = {"nq": 118_000, "ndb": 762_000, "ntrain": 1_580_000}

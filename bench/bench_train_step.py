@@ -36,8 +36,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from glr.model import build_net
-from glr.training import LandmarkModule
+from glr.model.net import build_net
+from glr.train.module import LandmarkModule
 
 
 class _SameBatch(torch.utils.data.IterableDataset):

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import torch
 
-from glr.embeddings import extract_embeddings
-from glr.model import EmbeddingNet
-from glr.training import LandmarkModule
+from glr.embed.extract import extract_embeddings
+from glr.model.net import EmbeddingNet
+from glr.train.module import LandmarkModule
 from glr.search import knn, resolve_backend
 
 
