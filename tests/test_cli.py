@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from glr.cli import _load_config, main
+from glr.cli import main
 from glr.workflows.experiment import parse_experiment
 from glr.utils import InputError
 
@@ -60,7 +60,7 @@ def test_configs_use_known_train_options(config):
 def test_config_errors(tmp_path):
     bad = _write(tmp_path / "bad.yaml", ["- a list"])
     with pytest.raises(InputError, match="bad.yaml"):
-        _load_config(str(bad))
+        parse_experiment(str(bad))
     unknown = _write(tmp_path / "u.yaml", ["learning_rate: 3"])
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--config", str(unknown)]) == 2
 
