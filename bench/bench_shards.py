@@ -45,7 +45,7 @@ def _peak_gb() -> float:
 def child(job: str, folder: Path, backend: str) -> dict:
     from glr.postprocess.expansion import qe_dba_joint
     from glr.search import knn
-    from glr.embed.store import ShardedEmbeddings
+    from glr.embeddings.store import ShardedEmbeddings
 
     q = np.load(folder / "q.npy")
     knn(q[:2], q[:50], 5, backend=backend)  # the backend's import and first call
@@ -85,7 +85,7 @@ def main() -> None:
         print(json.dumps(child(a.child, Path(a.folder), a.backend)))
         return
 
-    from glr.embed.store import save_store
+    from glr.embeddings.store import save_store
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_postprocess import clustered

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from glr.embed.extract import extract_embeddings
+from glr.embeddings.extract import extract_embeddings
 from glr.model.net import EmbeddingNet
 from glr.train.module import LandmarkModule
 from glr.search import knn, resolve_backend

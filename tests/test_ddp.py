@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 from glr.cli import main
 from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, make_transforms
 from glr.data.root import GLDv2Root
-from glr.embed.extract import extract_embeddings
-from glr.embed.npz import load_embeddings, merge_parts
+from glr.embeddings.extract import extract_embeddings
+from glr.embeddings.npz import load_embeddings, merge_parts
 from glr.train.export import export_embeddings
 from glr.model.net import build_net
 from glr.model.artifact import save_artifact

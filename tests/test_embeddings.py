@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from glr.embed.extract import PooledFeatures, extract_embeddings, thumbnail_embeddings
-from glr.embed.npz import load_embeddings, save_embeddings
+from glr.embeddings.extract import PooledFeatures, extract_embeddings, thumbnail_embeddings
+from glr.embeddings.npz import load_embeddings, save_embeddings
 from glr.model.net import EmbeddingNet
 from glr.utils import InputError
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from glr import metrics, report
 from glr.data.root import GLDv2Root
-from glr.embed.npz import load_embeddings
+from glr.embeddings.npz import load_embeddings
 from glr.workflows.cv import cv
 from glr.data.synth import make_synthetic_gldv2
 from glr.utils import InputError

@@ -20,8 +20,8 @@ from glr.model.artifact import save_artifact
 from glr.postprocess.expansion import alpha_dba, alpha_qe, qe_dba_joint
 from glr.search import knn
 from glr.arrays import ArrayRows
-from glr.embed.store import ShardedEmbeddings, create_store, open_embeddings, save_store
-from glr.embed.sharded import embed_to_shards, extract_shards
+from glr.embeddings.store import ShardedEmbeddings, create_store, open_embeddings, save_store
+from glr.embeddings.sharded import embed_to_shards, extract_shards
 from glr.utils import InputError
 
 
@@ -183,8 +183,8 @@ def test_extraction_records_unreadable_images_and_keeps_going(tiny, reference, t
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import glr.embed.sharded as sharded
-    import glr.embed.store as shards
+    import glr.embeddings.sharded as sharded
+    import glr.embeddings.store as shards
     calls = []
     real = shards._save_npy
     def dying(path, array):
@@ -287,7 +287,7 @@ def test_extract_shards_checks_what_the_embedder_returns(tmp_path):
 
 # --------------------------------------------------------------------------- glr search
 def test_glr_search_over_stores_equals_the_in_memory_search(tiny, reference, tmp_path, capsys):
-    from glr.embed.npz import save_embeddings
+    from glr.embeddings.npz import save_embeddings
     from glr.postprocess.expansion import qe_dba_joint as joint
     from glr.submission import read_submission, retrieval_rows, validate_submission_file
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from glr.embed.npz import load_embeddings
+from glr.embeddings.npz import load_embeddings
 from glr.utils import InputError, atomic_write, read_json_object
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Resumable sharded extraction: a split embedded shard by shard into a store (``glr embed --shards``).
 
-Each shard is committed atomically (:mod:`glr.embed.store`); a killed job rerun computes only the
+Each shard is committed atomically (:mod:`glr.embeddings.store`); a killed job rerun computes only the
 missing shards. Shard ``s`` belongs to worker ``s % WORLD_SIZE`` (torchrun / SLURM), no collective.
 """
 
@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from glr.data.root import GLDv2Root
-from glr.embed.extract import embed_images
-from glr.embed.store import DEFAULT_SHARD_SIZE, _scan, _shard_rows, clean_temporaries, create_store, write_shard
+from glr.embeddings.extract import embed_images
+from glr.embeddings.store import DEFAULT_SHARD_SIZE, _scan, _shard_rows, clean_temporaries, create_store, write_shard
 from glr.model.artifact import load_artifact
 from glr.utils import InputError, file_sha256
 
