@@ -86,7 +86,7 @@ def test_flip_tta_averages_the_mirrored_view():
 
 
 def test_multiscale_tta_embeds_each_scale(tmp_path):
-    from glr.workflows.cv import embed_split
+    from glr.embeddings.extract import embed_images
     from glr.data.synth import make_synthetic_gldv2
     from glr.data.root import GLDv2Root
 
@@ -95,9 +95,10 @@ def test_multiscale_tta_embeds_each_scale(tmp_path):
     ids = root.index_ids()[:3]
     torch.manual_seed(0)
     net = EmbeddingNet("test_resnet", embedding_size=8).eval()
-    one = {s: embed_split(net, root, "index", ids, s, num_workers=0, progress=False) for s in (23, 32, 45)}
-    multi = embed_split(net, root, "index", ids, 32, num_workers=0, progress=False, scales=(0.707, 1.0, 1.414))
+    one = {s: embed_images(net, root.root, "index", ids, s, num_workers=0, progress=False)[0] for s in (23, 32, 45)}
+    multi = embed_images(net, root.root, "index", ids, 32, num_workers=0, progress=False,
+                         scales=(0.707, 1.0, 1.414))[0]
     mean = one[23] + one[32] + one[45]
     np.testing.assert_allclose(multi, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
     with pytest.raises(ValueError, match="scales"):
-        embed_split(net, root, "index", ids, 32, num_workers=0, progress=False, scales=(0.0,))
+        embed_images(net, root.root, "index", ids, 32, num_workers=0, progress=False, scales=(0.0,))

@@ -208,7 +208,7 @@ def test_cv_strict_images_fails_naming_the_image_and_keeps_earlier_outputs(fault
 
 def test_ensemble_members_ok_masks_are_combined(faulty, monkeypatch):
     """An image one member cannot read is unreadable for the ensemble (its row zeroed)."""
-    from glr.workflows import cv as pipeline
+    from glr import predict
 
     calls = []
 
@@ -218,10 +218,10 @@ def test_ensemble_members_ok_masks_are_combined(faulty, monkeypatch):
         ok[len(calls) % len(ids)] = False  # each call: another image unreadable
         return np.ones((len(ids), 4), np.float32), ok
 
-    monkeypatch.setattr(pipeline, "embed_images", fake)
+    monkeypatch.setattr(predict, "embed_images", fake)
     ids = faulty["ids"]["index"][:10]
-    emb, ok, _ = pipeline._embed_all("model", GLDv2Root.open(faulty["root"]), {"index": ids}, faulty["arts"],
-                                     [1.0, 1.0], None, 8, 0, False)
+    emb, ok = predict.embed_ensemble([predict.MemberSpec(a) for a in faulty["arts"]], GLDv2Root.open(faulty["root"]).root,
+                                     {"index": ids}, batch_size=8, num_workers=0, progress=False)
     assert calls == ["index", "index"]
     assert list(np.flatnonzero(~ok["index"])) == [1, 2]
     norms = np.linalg.norm(emb["index"], axis=1)

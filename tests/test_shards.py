@@ -21,7 +21,8 @@ from glr.postprocess.expansion import alpha_dba, alpha_qe, qe_dba_joint
 from glr.search import knn
 from glr.arrays import ArrayRows
 from glr.embeddings.store import ShardedEmbeddings, create_store, open_embeddings, save_store
-from glr.embeddings.sharded import embed_to_shards, extract_shards
+from glr.embeddings.sharded import extract_shards
+from glr.predict import embed_to_shards
 from glr.utils import InputError
 
 
@@ -183,7 +184,7 @@ def test_extraction_records_unreadable_images_and_keeps_going(tiny, reference, t
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import glr.embeddings.sharded as sharded
+    import glr.predict as sharded
     import glr.embeddings.store as shards
     calls = []
     real = shards._save_npy

@@ -150,7 +150,7 @@ def run_embed(args: argparse.Namespace) -> int:
     """Lightning's ddp launcher re-runs this command line for the other ranks."""
     import contextlib
 
-    from glr.embed.sharded import embed_to_shards
+    from glr.predict import embed_to_shards
     from glr.train.export import export_embeddings, global_rank
 
     if args.shards:

@@ -14,11 +14,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from glr.data.root import GLDv2Root
-from glr.embeddings.extract import embed_images
 from glr.embeddings.store import DEFAULT_SHARD_SIZE, _scan, _shard_rows, clean_temporaries, create_store, write_shard
-from glr.model.artifact import load_artifact
-from glr.utils import InputError, file_sha256
+from glr.utils import InputError
 
 log = logging.getLogger(__name__)
 
@@ -80,43 +77,3 @@ def extract_shards(embed: Callable[[list[str]], tuple[np.ndarray, np.ndarray]],
     return {"shards": manifest["num_shards"], "present": present, "computed": len(mine),
             "missing": len(status["missing"]) - len(mine),
             "unreadable": unreadable, "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def embed_to_shards(artifact: str | os.PathLike, root: str | os.PathLike, split: str, out: str | os.PathLike,
-                    ids: Sequence[str] | None = None, image_size: int | None = None,
-                    dtype: str = "float16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = 64,
-                    num_workers: int = 2, device: str | None = None, flip: bool = False,
-                    scales: Sequence[float] = (1.0,), rank: int | None = None, world: int | None = None,
-                    progress: bool = True,
-                    on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Embed a split of a GLDv2 root with a model artifact into a resumable store.
-
-    Unreadable images are recorded in their shard (zero rows, ``ok`` False) and counted; the
-    job goes on. ``rank``/``world`` default to the ``RANK``/``WORLD_SIZE`` environment
-    variables of ``torchrun`` / SLURM (``LOCAL_RANK`` picks the GPU), so ``torchrun
-    --nproc-per-node 8 -m glr embed --shards …`` runs eight workers on disjoint shards.
-
-    Returns:
-        :func:`extract_shards`'s summary plus ``"path"``.
-    """
-    import torch  # noqa: PLC0415
-
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1))) if world is None else world
-    net, data_config, _ = load_artifact(artifact)
-    ids = GLDv2Root.open(root).embedding_ids(split) if ids is None else [str(i) for i in ids]
-    size = int(image_size or data_config["image_size"])
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
-    info = {"artifact_sha256": file_sha256(artifact), "split": split, "image_size": size, "flip": bool(flip),
-            "scales": [float(s) for s in scales], "mean": list(data_config["mean"]), "std": list(data_config["std"])}
-    dim = int(getattr(net, "embedding_size", 0)) or int(net(torch.zeros(1, 3, size, size)).shape[1])
-
-    def embed(chunk: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return embed_images(net, root, split, chunk, size, batch_size, num_workers, device=device,
-                            progress=False, flip=flip, scales=scales, mean=data_config["mean"],
-                            std=data_config["std"], skip_unreadable=True)
-
-    summary = extract_shards(embed, ids, out, dim, dtype, shard_size, info, rank, world, progress, on_shard)
-    summary["path"] = str(out)
-    return summary

@@ -1,4 +1,8 @@
 """``glr cv``: embed → search → post-process → submissions → official scores on a GLDv2 root.
+
+The computation is :mod:`glr.predict`'s chain (the kernel runs the same); what is here is
+``glr cv``'s own: the splits and protocol, the reference descriptors, the sweep, the files
+written and the scores.
 """
 
 from __future__ import annotations
@@ -6,44 +10,29 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from glr import metrics
 from glr.data.readers import read_ids
 from glr.data.root import GLDv2Root
-from glr.embed.extract import PooledFeatures, embed_images, thumbnail_embeddings
-from glr.embed.npz import load_embeddings, save_embeddings
+from glr.embeddings.extract import thumbnail_embeddings
+from glr.embeddings.npz import load_embeddings, save_embeddings
 from glr.eval.sweep import RetrievalScorer, protocol_2021_ids, read_grid, run_sweep, sweep_table
-from glr.model.artifact import load_artifact
-from glr.model.net import LITE0_PACKAGE, build_net
 from glr.postprocess.cache import GraphCache
-from glr.postprocess.chain import Context, retrieve, train_context
 from glr.postprocess.config import normalize_config, read_config, write_config
-from glr.postprocess.expansion import combine_embeddings
+from glr.predict import (TTA, MemberSpec, chain_context, embed_ensemble, imagenet_member, needs_train, rank, readable,
+                         recognition_rows, retrieval_rows)
 from glr.report.sweep import write_sweep
-from glr.submission import recognition_predictions, recognition_rows, retrieval_rows, write_submission
+from glr.submission import write_submission
 from glr.utils import InputError, atomic_write
 
 log = logging.getLogger(__name__)
 
-def embed_split(net: torch.nn.Module, root: GLDv2Root, split: str, ids: Sequence[str], image_size: int,
-                batch_size: int = 64, num_workers: int = 2, device: str | None = None,
-                progress: bool = True, flip: bool = False, scales: Sequence[float] = (1.0,)) -> np.ndarray:
-    """Embed images ``ids`` of ``split`` with ``net`` at ``image_size``; (N, D) float32.
-
-    Test-time augmentation: ``flip`` adds the mirrored image; ``scales`` (e.g. 0.707, 1,
-    1.414) embeds at ``round(image_size · s)`` each. Every view's descriptor is
-    L2-normalised; the flips are averaged per scale, the scales averaged, each average
-    re-normalised. An unreadable image raises :class:`InputError` naming it (see
-    :func:`glr.embeddings.embed_images` with ``skip_unreadable`` to skip such images instead).
-    """
-    emb, _ = embed_images(net, root.root, split, ids, image_size, batch_size, num_workers, device=device,
-                          progress=progress, flip=flip, scales=scales)
-    return emb
+KINDS = ("model", "imagenet", "thumbnail")
 
 
 def _thumbnails(root: GLDv2Root, split: str, ids: Sequence[str], progress: bool,
@@ -75,57 +64,6 @@ def _warn_unreadable(split: str, ids: Sequence[str], ok: np.ndarray) -> None:
                     ", ".join(bad[:5]), ", …" if len(bad) > 5 else "")
 
 
-def _embed_all(kind: str, root: GLDv2Root, splits: dict[str, list[str]], artifacts: Sequence[str],
-               member_weights: Sequence[float], image_size: int | None, batch_size: int, num_workers: int,
-               progress: bool, tta_flip: bool = False, tta_scales: Sequence[float] = (1.0,),
-               ensemble_mode: str = "concat", strict: bool = False
-               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
-    """Embeddings of each split for a descriptor ``kind`` (model | imagenet | thumbnail),
-    which images could be read, and the artifacts trained on validation ground truth
-    (``val_leak``).
-
-    With several artifacts (an ensemble) each member embeds at its own image size and the
-    blocks are combined by :func:`glr.postprocess.expansion.combine_embeddings`
-    (``concat``: cosine ``Σ w_i² cos_i / Σ w_i²``; ``sum``: ``Σ w_i cos_i / Σ w_i``).
-
-    Returns:
-        ``(emb, ok, leaky)``: split → (N, D) float32 rows in ``splits`` order, split → (N,)
-        bool (False where an image could not be read by some member; its row is zeros), and
-        the leaky artifacts. With ``strict`` the first unreadable image raises
-        :class:`InputError` naming it instead.
-    """
-    ok = {s: np.ones(len(ids), bool) for s, ids in splits.items()}
-    if kind == "thumbnail":
-        emb = {}
-        for s, ids in splits.items():
-            emb[s], ok[s] = _thumbnails(root, s, ids, progress, strict)
-        return emb, ok, []
-    tta = dict(flip=tta_flip, scales=tuple(tta_scales), skip_unreadable=not strict)
-    if kind == "imagenet":
-        net = PooledFeatures(build_net(dict(backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE)))
-        size = image_size or 96
-        emb = {}
-        for s, ids in splits.items():
-            emb[s], ok[s] = embed_images(net, root.root, s, ids, size, batch_size, num_workers, progress=progress,
-                                         **tta)
-        return emb, ok, []
-    blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
-    leaky = []
-    for artifact in artifacts:
-        net, data_config, meta = load_artifact(artifact)
-        if meta.get("val_leak") or data_config.get("val_leak"):
-            leaky.append(str(artifact))
-        size = image_size or int(data_config["image_size"])
-        for s, ids in splits.items():
-            e, good = embed_images(net, root.root, s, ids, size, batch_size, num_workers, progress=progress, **tta)
-            blocks[s].append(e)
-            ok[s] &= good  # unreadable for any member: unreadable
-    emb = {s: combine_embeddings(parts, member_weights, mode=ensemble_mode) for s, parts in blocks.items()}
-    for s in emb:
-        emb[s][~ok[s]] = 0.0
-    return emb, ok, leaky
-
-
 def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[str, np.ndarray]:
     """The rows of ``ids`` (in that order) from ``emb_<split>.npz`` of an earlier run."""
     out = {}
@@ -143,20 +81,105 @@ def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[s
     return out
 
 
-def _postprocess_context(root: GLDv2Root, emb: dict[str, np.ndarray], train_pairs: list[tuple[str, int]],
-                         splits: dict[str, list[str]], distractors: str | os.PathLike | None,
-                         paths: bool) -> Context:
-    """The re-rankers' inputs: train descriptors and landmark / country labels, distractors and
-    (with ``paths``, for spatial verification) the image files."""
-    ctx = Context()
-    if "train" in emb:
-        ctx = train_context(emb["train"], [lm for _, lm in train_pairs], root.country_of())
-    if paths:
-        ctx.q_paths = [str(root.path("test", i)) for i in splits["test"]]
-        ctx.db_paths = [str(root.path("index", i)) for i in splits["index"]]
-    if distractors is not None:
-        _, ctx.distractors = load_embeddings(distractors)
-    return ctx
+@dataclass
+class _Run:
+    """What one ``glr cv`` run works on: the root, the ids per split, the chain and the sweep grid."""
+
+    root: GLDv2Root
+    splits: dict[str, list[str]]
+    config: dict[str, Any]
+    grid: dict[str, Any] | None
+    protocol: str
+    train_pairs: list[tuple[str, int]] = field(default_factory=list)
+
+
+def _plan(data: str | os.PathLike, post: Any, sweep: Any, k: int, protocol: str,
+          index_list: str | os.PathLike | None, recognition: bool, train_subset: str) -> _Run:
+    """The root, the splits under ``protocol`` and the post-processing to apply or sweep; checks
+    everything that can be checked before any image is read."""
+    root = GLDv2Root.open(data)
+    config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
+    grid = read_grid(sweep) if isinstance(sweep, (str, os.PathLike)) else sweep
+    if grid is not None:
+        config["shortlist"] = grid.get("shortlist", config["shortlist"])
+    config["k"] = k
+    test_ids, index_ids = root.test_ids(), root.index_ids()
+    if protocol == "2021":
+        sol = root.solution_path("retrieval")
+        if sol is None:
+            raise InputError("protocol 2021 needs the retrieval solution file", root.root)
+        wanted = None if index_list is None else list(read_ids(index_list))
+        test_ids, index_ids = protocol_2021_ids(sol, test_ids, index_ids, wanted)
+        log.info("protocol 2021: %d queries with ground truth, %d index images", len(test_ids), len(index_ids))
+    elif protocol != "v2.1":
+        raise InputError(f"protocol must be 'v2.1' or '2021', got {protocol!r}")
+    if not test_ids:
+        listing = root.root / "test.csv"
+        raise InputError("no test images: nothing to evaluate", listing if listing.is_file() else root.root / "test")
+    run = _Run(root, {"test": test_ids, "index": index_ids}, config, grid, protocol)
+    if needs_train(config, recognition, steps=tuple(grid or ())):
+        run.train_pairs = root.train_ids_labels(train_subset)
+        run.splits["train"] = [i for i, _ in run.train_pairs]
+    return run
+
+
+def _embed(run: _Run, kind: str, artifacts: Sequence[str], weights: Sequence[float], image_size: int | None,
+           batch_size: int, num_workers: int, progress: bool, tta: TTA, ensemble_mode: str,
+           strict: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    """Each split's embeddings for a descriptor ``kind``, which images could be read, and the
+    artifacts trained on this root's validation ground truth (``allow_val_leak``)."""
+    for s, ids in run.splits.items():
+        if ids and not (run.root.root / s).is_dir():
+            raise InputError(f"image folder for split {s!r} not found ({len(ids)} {s} images listed)",
+                             run.root.root / s)
+    if kind == "thumbnail":
+        pairs = {s: _thumbnails(run.root, s, ids, progress, strict) for s, ids in run.splits.items()}
+        return {s: p[0] for s, p in pairs.items()}, {s: p[1] for s, p in pairs.items()}, []
+    members = ([imagenet_member(image_size or 96)] if kind == "imagenet"
+               else [MemberSpec(a, w, image_size) for a, w in zip(artifacts, weights)])
+    leaky: list[str] = []
+    emb, ok = embed_ensemble(members, run.root.root, run.splits, mode=ensemble_mode, batch_size=batch_size,
+                             num_workers=num_workers, tta=tta, skip_unreadable=not strict, progress=progress,
+                             on_load=lambda m: leaky.append(m.source) if m.val_leak else None)
+    return emb, ok, leaky
+
+
+def _retrieve(run: _Run, q_ids: list[str], q: np.ndarray, db_ids: list[str], db: np.ndarray, ctx: Any,
+              cache: GraphCache, out: Path, progress: bool, result: dict[str, Any]) -> np.ndarray:
+    """Sweep the grid (choosing the chain on Public) or apply the config; the ranking of the queries."""
+    if run.grid is not None:
+        sol = run.root.solution_path("retrieval")
+        if sol is None:
+            raise InputError("a sweep needs the retrieval solution file", run.root.root)
+        if not q_ids or not db_ids:
+            raise InputError("a sweep needs readable test and index images", run.root.root)
+        scorer = RetrievalScorer(sol, q_ids, db_ids, run.protocol)
+        swept = run_sweep(q, db, scorer, {**run.grid, "k": run.config["k"], "shortlist": run.config["shortlist"]},
+                          ctx=ctx, cache=cache, progress=progress)
+        write_sweep(swept, out)
+        run.config = swept["config"]
+        result["sweep"] = {"pipeline": swept["pipeline"], "cache": swept["cache"], "seconds": swept["seconds"]}
+        print(sweep_table(swept))
+    elif any(run.config.get(s) for s in run.config if s not in ("k", "shortlist")):
+        write_config(out / "postprocess.yaml", run.config, comment="post-processing applied by glr cv")
+    if not q_ids or not db_ids:
+        log.warning("no readable %s image: every query gets an empty row", "test" if not q_ids else "index")
+    I, info = rank(q, db, run.config, ctx=ctx, cache=cache, progress=progress)
+    result["postprocess"] = run.config
+    if info.get("spatial"):
+        result["spatial"] = info["spatial"]
+    return I
+
+
+def _score_retrieval(run: _Run, sub: Path, q_ids: list[str], db_ids: list[str], I: np.ndarray,
+                     result: dict[str, Any]) -> None:
+    sol = run.root.solution_path("retrieval")
+    if sol is None:
+        return
+    if run.protocol == "2021":
+        result["all"] = RetrievalScorer(sol, q_ids, db_ids, "2021")(I)["all"]
+    else:
+        result.update(metrics.score("retrieval", sol, sub))
 
 
 def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence[str] | None = None,
@@ -223,95 +246,53 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         validation ground truth (their figures are not a valid CV). ``unreadable``: split →
         number of images skipped.
     """
-
-    root = GLDv2Root.open(data)
     out = Path(out)
     artifacts = [] if artifact is None else [str(artifact)] if isinstance(artifact, (str, os.PathLike)) \
         else [str(a) for a in artifact]
+    if kind not in KINDS:
+        raise InputError(f"descriptor must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "model" and not artifacts and embeddings is None:
         raise InputError("cv with descriptor 'model' needs at least one artifact (or --embeddings)")
     weights = [1.0] * len(artifacts) if member_weights is None else [float(w) for w in member_weights]
     if len(weights) != len(artifacts):
         raise ValueError(f"{len(artifacts)} artifacts but {len(weights)} member weights")
-    config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
-    grid = read_grid(sweep) if isinstance(sweep, (str, os.PathLike)) else sweep
-    if grid is not None:
-        config["shortlist"] = grid.get("shortlist", config["shortlist"])
-    config["k"] = k
-    sol = root.solution_path("retrieval")
-    test_ids, index_ids = root.test_ids(), root.index_ids()
-    if protocol == "2021":
-        if sol is None:
-            raise InputError("protocol 2021 needs the retrieval solution file", root.root)
-        wanted = None if index_list is None else [i for i in read_ids(index_list)]
-        test_ids, index_ids = protocol_2021_ids(sol, test_ids, index_ids, wanted)
-        log.info("protocol 2021: %d queries with ground truth, %d index images", len(test_ids), len(index_ids))
-    elif protocol != "v2.1":
-        raise InputError(f"protocol must be 'v2.1' or '2021', got {protocol!r}")
-    if not test_ids:
-        listing = root.root / "test.csv"
-        raise InputError("no test images: nothing to evaluate", listing if listing.is_file() else root.root / "test")
-    splits = {"test": test_ids, "index": index_ids}
-    wanted = {s for s in config if config.get(s)} | set(grid or ())  # steps this run may apply
-    needs_train = recognition or bool(wanted & {"landmark_country", "train_label"})
-    train_pairs: list[tuple[str, int]] = []
-    if needs_train:
-        train_pairs = root.train_ids_labels(train_subset)
-        splits["train"] = [i for i, _ in train_pairs]
+    run = _plan(data, post, sweep, k, protocol, index_list, recognition, train_subset)
     leaky: list[str] = []
     if embeddings is not None:
-        emb = _load_split_embeddings(Path(embeddings), splits)
+        emb = _load_split_embeddings(Path(embeddings), run.splits)
         ok = {s: np.linalg.norm(e, axis=1) > 0 for s, e in emb.items()}  # zero rows: unreadable when embedded
     else:
-        for s, ids in splits.items():
-            if ids and not (root.root / s).is_dir():
-                raise InputError(f"image folder for split {s!r} not found ({len(ids)} {s} images listed)",
-                                 root.root / s)
-        emb, ok, leaky = _embed_all(kind, root, splits, artifacts, weights, image_size, batch_size, num_workers,
-                                    progress, tta_flip, tta_scales, ensemble_mode, strict=strict_images)
-        for s, ids in splits.items():
+        emb, ok, leaky = _embed(run, kind, artifacts, weights, image_size, batch_size, num_workers, progress,
+                         TTA(tta_flip, tuple(tta_scales)), ensemble_mode, strict_images)
+        for s, ids in run.splits.items():
             save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
     out.mkdir(parents=True, exist_ok=True)
-    for s, ids in splits.items():
+    for s, ids in run.splits.items():
         _warn_unreadable(s, ids, ok[s])
-    # the rows searched: readable queries against readable index images
-    q_keep, db_keep = np.flatnonzero(ok["test"]), np.flatnonzero(ok["index"])
-    q_ids, db_ids = [test_ids[i] for i in q_keep], [index_ids[i] for i in db_keep]
-    q_emb, db_emb = emb["test"][q_keep], emb["index"][db_keep]
-    if "train" in emb:
-        t_keep = np.flatnonzero(ok["train"])
-        emb["train"], train_pairs = emb["train"][t_keep], [train_pairs[i] for i in t_keep]
-    ctx = _postprocess_context(root, emb, train_pairs, {"test": q_ids, "index": db_ids}, distractors,
-                               paths="spatial" in wanted)
-    cache = GraphCache(folder=cache_dir if cache_dir is not None else (out / "graph_cache" if grid else None),
+    return _finish(run, emb, ok, out, kind, artifacts, weights, leaky, ensemble_mode, recognition, distractors,
+                   cache_dir, progress, extra)
+
+
+def _finish(run: _Run, emb: dict[str, np.ndarray], ok: dict[str, np.ndarray], out: Path, kind: str,
+            artifacts: list[str], weights: list[float], leaky: list[str], ensemble_mode: str, recognition: bool,
+            distractors: str | os.PathLike | None, cache_dir: str | os.PathLike | None, progress: bool,
+            extra: dict[str, Any] | None) -> dict[str, Any]:
+    """Search, post-process, write both submissions and ``cv.json``, score."""
+    test_ids = run.splits["test"]
+    q_ids, q = readable(test_ids, emb["test"], ok["test"])  # readable queries against readable index images
+    db_ids, db = readable(run.splits["index"], emb["index"], ok["index"])
+    wanted = {s for s in run.config if run.config.get(s)} | set(run.grid or ())
+    ctx = chain_context(emb.get("train"), ok.get("train"), [lm for _, lm in run.train_pairs] if "train" in emb
+                        else None, run.root.country_of() if "train" in emb else None,
+                        q_paths=[str(run.root.path("test", i)) for i in q_ids] if "spatial" in wanted else None,
+                        db_paths=[str(run.root.path("index", i)) for i in db_ids] if "spatial" in wanted else None,
+                        distractors=load_embeddings(distractors)[1] if distractors is not None else None)
+    cache = GraphCache(folder=cache_dir if cache_dir is not None else (out / "graph_cache" if run.grid else None),
                        progress=progress)
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind,
-                              "protocol": protocol, "unreadable": {s: int((~ok[s]).sum()) for s in splits}}
-    if grid is not None:
-        if sol is None:
-            raise InputError("a sweep needs the retrieval solution file", root.root)
-        if not q_ids or not db_ids:
-            raise InputError("a sweep needs readable test and index images", root.root)
-        scorer = RetrievalScorer(sol, q_ids, db_ids, protocol)
-        swept = run_sweep(q_emb, db_emb, scorer, {**grid, "k": k, "shortlist": config["shortlist"]},
-                          ctx=ctx, cache=cache, progress=progress)
-        write_sweep(swept, out)
-        config = swept["config"]
-        result["sweep"] = {"pipeline": swept["pipeline"], "cache": swept["cache"], "seconds": swept["seconds"]}
-        print(sweep_table(swept))
-    elif any(config.get(s) for s in config if s not in ("k", "shortlist")):
-        write_config(out / "postprocess.yaml", config, comment="post-processing applied by glr cv")
-    info: dict[str, Any] = {}
-    if q_ids and db_ids:
-        _, I, info = retrieve(q_emb, db_emb, config, ctx=ctx, cache=cache, progress=progress)
-    else:
-        log.warning("no readable %s image: every query gets an empty row", "test" if not q_ids else "index")
-        I = np.zeros((len(q_ids), 0), np.int64)
-    result["postprocess"] = config
-    if info.get("spatial"):
-        result["spatial"] = info["spatial"]
-    found = dict(retrieval_rows(q_ids, db_ids, I))  # unreadable queries: empty rows
-    sub = write_submission(out / "submission.csv", [(i, found.get(i, "")) for i in test_ids], "retrieval",
+                              "protocol": run.protocol, "unreadable": {s: int((~ok[s]).sum()) for s in run.splits}}
+    I = _retrieve(run, q_ids, q, db_ids, db, ctx, cache, out, progress, result)
+    sub = write_submission(out / "submission.csv", retrieval_rows(test_ids, q_ids, db_ids, I), "retrieval",
                            expected_ids=test_ids, index_ids=set(db_ids))
     if len(artifacts) > 1:
         result["ensemble"] = [{"artifact": a, "weight": w} for a, w in zip(artifacts, weights)]
@@ -320,22 +301,14 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         result["val_leak"] = leaky
         log.warning("trained on this root's validation ground truth (allow_val_leak): %s; "
                     "the CV figures are not valid", ", ".join(leaky))
-    if sol is not None:
-        if protocol == "2021":
-            result["all"] = RetrievalScorer(sol, q_ids, db_ids, "2021")(I)["all"]
-        else:
-            result.update(metrics.score("retrieval", sol, sub))
+    _score_retrieval(run, sub, q_ids, db_ids, I, result)
     if recognition:
-        found = {}
-        if q_ids and len(ctx.train):
-            St, It = cache.knn(q_emb, ctx.train, 5)
-            labels, scores = recognition_predictions(St, It, ctx.train_landmarks, top_k=5)
-            found = dict(recognition_rows(q_ids, labels, scores))
-        rsub = write_submission(out / "submission_recognition.csv", [(i, found.get(i, "")) for i in test_ids],
-                                "recognition", expected_ids=test_ids)
-        rsol = root.solution_path("recognition")
+        rsub = write_submission(out / "submission_recognition.csv",
+                                recognition_rows(test_ids, q_ids, q, ctx, top_k=5, cache=cache), "recognition",
+                                expected_ids=test_ids)
+        rsol = run.root.solution_path("recognition")
         result["recognition"] = (metrics.score("recognition", rsol, rsub)
-                                 if rsol is not None and protocol == "v2.1" else None)
+                                 if rsol is not None and run.protocol == "v2.1" else None)
     result.update(extra or {})
     with atomic_write(out / "cv.json") as f:
         json.dump(result, f, indent=2, default=str)

@@ -6,7 +6,7 @@ weights dataset and, when collected, the wheels dataset, as symbolic links) and
 ``PYTHONPATH``, no ``.pth`` files, so neither the installed ``glr`` nor anything it put on
 the path is importable; site-packages are added by hand for torch, timm and the rest) in
 which importing Lightning fails. Its ``submission.csv`` is validated and compared with the
-library pipeline's (:func:`glr.workflows.cv.cv` on the same root and settings).
+library's: :mod:`glr.predict`'s chain (the one ``glr cv`` runs) on the same root and settings, in this process.
 
 Layouts: ``classic`` (``input/<competition>``, ``input/<dataset-slug>``) and ``nested``
 (``input/competitions/<competition>``, ``input/datasets/<owner>/<slug>``).
@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from glr.kaggle.kernel.build import WEIGHTS_DIR, WHEELS_DIR, read_kernel
-from glr.kaggle.kernel.runtime import REPORT, SUBMISSION, list_images
+from glr.kaggle.kernel.runtime import REPORT, SETTINGS_DEFAULTS, SUBMISSION, StepTimer, list_images, predict
 from glr.submission import read_submission, validate_submission_file
 from glr.utils import InputError
-from glr.workflows.cv import cv
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +140,20 @@ def compare_submissions(kernel_csv: Path, library_csv: Path, task: str) -> dict[
 
 
 def library_submission(data: Path, kernel: Path, settings: Mapping[str, Any], out: Path,
-                       progress: bool = True) -> Path:
-    """The library pipeline's submission on ``data`` with the kernel's settings and weights."""
-
-    members = settings["members"]
-    task = settings["task"]
-    cv(data, out, artifact=[str(kernel / WEIGHTS_DIR / m["file"]) for m in members],
-                member_weights=[float(m.get("weight", 1.0)) for m in members], batch_size=int(settings["batch_size"]),
-                num_workers=int(settings["num_workers"]), k=int(settings["k"]), recognition=task == "recognition",
-                train_subset=settings["train_subset"], post=dict(settings.get("postprocess") or {}),
-                tta_flip=bool(settings["tta_flip"]), tta_scales=settings["tta_scales"],
-                ensemble_mode=settings["ensemble_mode"], progress=progress)
-    return out / ("submission.csv" if task == "retrieval" else "submission_recognition.csv")
+                       progress: bool = True, rerun: bool = False) -> Path:
+    """The library's submission on ``data`` with the kernel's settings and weights: the kernel's own
+    :func:`~glr.kaggle.kernel.runtime.predict` (:mod:`glr.predict`'s chain, which ``glr cv`` runs too),
+    run in this process by the installed package, on the test and index images the kernel lists
+    (``limit_test`` / ``limit_index`` applied as the kernel applies them). Equal submissions then
+    say that the bundle, the fresh interpreter and the mount layouts changed nothing."""
+    s = {**SETTINGS_DEFAULTS, **settings, "progress": progress}
+    test_ids, _ = list_images(data, "test")
+    index_ids = list_images(data, "index")[0] if s["task"] == "retrieval" else []
+    if not rerun:
+        test_ids, index_ids = test_ids[: s["limit_test"] or None], index_ids[: s["limit_index"] or None]
+    out.mkdir(parents=True, exist_ok=True)
+    predict(s, data, kernel / WEIGHTS_DIR, out / SUBMISSION, test_ids, index_ids, StepTimer())
+    return out / SUBMISSION
 
 
 def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Sequence[str] = LAYOUTS,
@@ -220,7 +221,7 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
                 shutil.copytree(working, dst)
             result["runs"][layout] = run
         if parity and first is not None:
-            lib = library_submission(data, kernel, settings, Path(tmp) / "library", progress=progress)
+            lib = library_submission(data, kernel, settings, Path(tmp) / "library", progress=progress, rerun=rerun)
             result["parity"] = compare_submissions(first, lib, settings["task"])
     return result
 

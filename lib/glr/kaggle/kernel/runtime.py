@@ -19,7 +19,7 @@ Order of work, so that a crash or a time-out never costs the submission:
 4. embed test and index (and train, for the landmark–country re-ranking or recognition)
    with every ensemble member; unreadable images are counted and skipped (an unreadable
    query keeps an empty row, an unreadable index image is left out of the index);
-5. search and post-process with the built-in chain (:func:`glr.postprocess.steps.retrieve`),
+5. search and post-process with :mod:`glr.predict`'s chain (the one ``glr cv`` runs),
    then replace the fallback with the real submission, validated, atomically.
 
 Every step is timed; the log ends with a table projecting the total for a hidden set of
@@ -341,45 +341,12 @@ def _environment() -> dict[str, Any]:
             "search": resolve_backend("auto")}
 
 
-def embed_ensemble(settings: Mapping[str, Any], weights: Path, comp: Path,
-                   splits: Mapping[str, Sequence[str]], timer: StepTimer
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Every member's embeddings of every split, combined as the ensemble says.
+def _members(settings: Mapping[str, Any], weights: Path) -> list[Any]:
+    """The ensemble of the settings as :class:`glr.predict.MemberSpec` (files in the weights dataset)."""
+    from glr.predict import MemberSpec  # noqa: PLC0415
 
-    Returns:
-        ``(emb, ok)``: split → (N, D) float32 rows in ``splits`` order (zero rows for
-        unreadable images), and split → (N,) bool (readable by every member).
-    """
-    import torch  # noqa: PLC0415
-
-    from glr.embed.extract import default_device, embed_images  # noqa: PLC0415
-    from glr.model.artifact import load_artifact  # noqa: PLC0415
-    from glr.postprocess.expansion import combine_embeddings  # noqa: PLC0415
-
-    device = default_device()
-    blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
-    ok = {s: np.ones(len(ids), bool) for s, ids in splits.items()}
-    for m in settings["members"]:
-        with timer.step(f"load {m['file']}"):
-            net, data_config, _ = load_artifact(weights / m["file"])
-        size = int(m.get("image_size") or data_config["image_size"])
-        for s, ids in splits.items():
-            with timer.step(f"embed {s} {Path(m['file']).stem} @{size}", scales_with=s):
-                emb, good = embed_images(net, comp, s, ids, size, int(settings["batch_size"]),
-                                         int(settings["num_workers"]), device=device,
-                                         progress=bool(settings["progress"]), flip=bool(settings["tta_flip"]),
-                                         scales=settings["tta_scales"], mean=data_config.get("mean"),
-                                         std=data_config.get("std"), skip_unreadable=True)
-            blocks[s].append(emb)
-            ok[s] &= good
-        del net
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    weights_ = [float(m.get("weight", 1.0)) for m in settings["members"]]
-    emb = {s: combine_embeddings(b, weights_, mode=settings["ensemble_mode"]) for s, b in blocks.items()}
-    for s in emb:
-        emb[s][~ok[s]] = 0.0  # unreadable for any member: unreadable
-    return emb, ok
+    return [MemberSpec(weights / m["file"], float(m.get("weight", 1.0)), m.get("image_size"))
+            for m in settings["members"]]
 
 
 def _train_rows(settings: Mapping[str, Any], comp: Path, weights: Path,
@@ -387,7 +354,7 @@ def _train_rows(settings: Mapping[str, Any], comp: Path, weights: Path,
     """Train ids and landmarks of the tagging / recognition database, and their precomputed
     embeddings when the weights dataset has ``train_embeddings.npz`` covering every id."""
     from glr.data.root import GLDv2Root  # noqa: PLC0415
-    from glr.embed.npz import load_embeddings  # noqa: PLC0415
+    from glr.embeddings.npz import load_embeddings  # noqa: PLC0415
 
     pairs = GLDv2Root.open(comp).train_ids_labels(settings["train_subset"])
     ids, landmarks = [i for i, _ in pairs], [lm for _, lm in pairs]
@@ -413,19 +380,18 @@ def _countries(comp: Path, weights: Path) -> dict[int, str] | None:
 
 def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, test_ids: Sequence[str],
             index_ids: Sequence[str], timer: StepTimer) -> dict[str, Any]:
-    """Embed, search, post-process and write ``out`` (validated, atomically). Returns counts."""
+    """Embed, search, post-process and write ``out`` (validated, atomically) with :mod:`glr.predict`'s
+    chain, the one ``glr cv`` runs. Returns counts."""
     from glr.data.readers import image_path  # noqa: PLC0415
-    from glr.postprocess.cache import GraphCache
-    from glr.postprocess.chain import Context, retrieve, train_context
-    from glr.postprocess.config import STEP_NEEDS, normalize_config
-    from glr.search import knn  # noqa: PLC0415
-    from glr.submission import recognition_predictions, recognition_rows, retrieval_rows, write_submission  # noqa: PLC0415
+    from glr import predict as chain  # noqa: PLC0415
+    from glr.postprocess.cache import GraphCache  # noqa: PLC0415
+    from glr.postprocess.config import normalize_config  # noqa: PLC0415
+    from glr.submission import write_submission  # noqa: PLC0415
 
     task = settings["task"]
     config = normalize_config(settings.get("postprocess") or {}, "the kernel's post-processing settings")
     config["k"] = int(settings["k"])
-    needs_train = task == "recognition" or any(config.get(s) and "train" in STEP_NEEDS.get(s, ())
-                                               for s in config)
+    needs_train = chain.needs_train(config, recognition=task == "recognition")
     splits: dict[str, Sequence[str]] = {"test": list(test_ids)}
     if task == "retrieval" and index_ids:
         splits["index"] = list(index_ids)
@@ -434,42 +400,37 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
         train_ids, train_lm, train_emb = _train_rows(settings, comp, weights, timer)
         if train_emb is None:
             splits["train"] = train_ids
-    emb, ok = embed_ensemble(settings, weights, comp, splits, timer)
+    progress = bool(settings["progress"])
+    emb, ok = chain.embed_ensemble(_members(settings, weights), comp, splits, mode=settings["ensemble_mode"],
+                                   batch_size=int(settings["batch_size"]), num_workers=int(settings["num_workers"]),
+                                   tta=chain.TTA(bool(settings["tta_flip"]), tuple(settings["tta_scales"])),
+                                   progress=progress, step=timer.step)
+    t_emb, t_ok = (None, None)
     if needs_train:
         t_emb, t_ok = (train_emb, np.ones(len(train_ids), bool)) if train_emb is not None else (emb["train"], ok["train"])
-        ctx = train_context(t_emb[t_ok], np.asarray(train_lm)[t_ok], _countries(comp, weights))
-    else:
-        ctx = Context()
-    q_keep = np.flatnonzero(ok["test"])
-    q_ids = [test_ids[i] for i in q_keep]
+    q_ids, q = chain.readable(test_ids, emb["test"], ok["test"])
     counts = {"test": len(test_ids), "test_unreadable": int((~ok["test"]).sum())}
+    cache = GraphCache(progress=progress)
     if task == "retrieval":
-        db_keep = np.flatnonzero(ok["index"]) if "index" in splits else np.zeros(0, np.int64)
-        db_ids = [index_ids[i] for i in db_keep]
+        db_ids, db = (chain.readable(index_ids, emb["index"], ok["index"]) if "index" in splits
+                      else ([], np.zeros((0, q.shape[1]), np.float32)))
         counts.update(index=len(index_ids), index_unreadable=len(index_ids) - len(db_ids))
         if not db_ids:
             log.warning("no readable index image: every query gets an empty row")
-        if config.get("spatial"):
-            ctx.q_paths = [str(image_path(comp, "test", i)) for i in q_ids]
-            ctx.db_paths = [str(image_path(comp, "index", i)) for i in db_ids]
+        ctx = chain.chain_context(t_emb, t_ok, train_lm if needs_train else None, _countries(comp, weights)
+                                  if needs_train else None,
+                                  q_paths=[str(image_path(comp, "test", i)) for i in q_ids] if config.get("spatial") else None,
+                                  db_paths=[str(image_path(comp, "index", i)) for i in db_ids] if config.get("spatial") else None)
         with timer.step("search + post-processing", scales_with="test"):
-            if len(q_ids) and len(db_ids):
-                _, I, _ = retrieve(emb["test"][q_keep], emb["index"][db_keep], config, ctx=ctx,
-                                   cache=GraphCache(progress=bool(settings["progress"])),
-                                   progress=bool(settings["progress"]))
-            else:
-                I = np.zeros((len(q_ids), 0), np.int64)
-        found = dict(retrieval_rows(q_ids, db_ids, I))
-        rows = [(i, found.get(i, "")) for i in test_ids]
+            I, _ = chain.rank(q, db, config, ctx=ctx, cache=cache, progress=progress)
         with timer.step("write submission"):
-            write_submission(out, rows, "retrieval", expected_ids=test_ids, index_ids=set(db_ids))
+            write_submission(out, chain.retrieval_rows(test_ids, q_ids, db_ids, I), "retrieval",
+                             expected_ids=test_ids, index_ids=set(db_ids))
     else:
+        ctx = chain.chain_context(t_emb, t_ok, train_lm, _countries(comp, weights))
         with timer.step("recognition vote", scales_with="test"):
-            top = int(settings["recognition_top_k"])
-            S, I = knn(emb["test"][q_keep], ctx.train, top)
-            labels, scores = recognition_predictions(S, I, ctx.train_landmarks, top_k=top)
-        found = dict(recognition_rows(q_ids, labels, scores))
-        rows = [(i, found.get(i, "")) for i in test_ids]
+            rows = chain.recognition_rows(test_ids, q_ids, q, ctx, top_k=int(settings["recognition_top_k"]),
+                                          cache=cache)
         with timer.step("write submission"):
             write_submission(out, rows, "recognition", expected_ids=test_ids)
     if needs_train:
