@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, make_transforms
-from glr.embed.extract import extract_embeddings
+from glr.embeddings.extract import extract_embeddings
 from glr.model.artifact import load_artifact
 from glr.postprocess.expansion import combine_embeddings
 from glr.search import knn

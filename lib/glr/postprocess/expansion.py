@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glr.arrays import ConcatRows, as_rows, is_rows, l2_normalize
-from glr.embed.store import ShardedEmbeddings, create_store, write_shard
+from glr.embeddings.store import ShardedEmbeddings, create_store, write_shard
 from glr.search import _as_matrix as _matrix
 from glr.search import knn
 

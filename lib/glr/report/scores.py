@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 
 from glr import metrics
 from glr.data.root import GLDv2Root
-from glr.embed.npz import load_embeddings
+from glr.embeddings.npz import load_embeddings
 from glr.eval.sweep import STAGE_NAMES
 from glr.report.common import _as_root, _cv_files, _solution, _submission_lists, _subset_map
 from glr.report.tables import _NAMES

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from glr.data.images import ImageDataset, SafeImages, make_transforms, transforms_from_config
 from glr.data.root import GLDv2Root
-from glr.embed.npz import merge_parts, save_embeddings
+from glr.embeddings.npz import merge_parts, save_embeddings
 from glr.model.artifact import load_artifact
 from glr.utils import InputError
 
