@@ -166,3 +166,27 @@ def test_cli_evaluates_a_model_on_a_generated_dataset(tmp_path, capsys):
     assert out["medium"]["map"] == pytest.approx(1.0)  # a constant colour: the crop finds its twins first
     assert main(["eval-revisitop", "--data", str(root), "--model", str(art)]) == 0
     assert "mAP E: 100.00, M: 100.00" in capsys.readouterr().out
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > BOOM_FILE",))
+
+
+def test_read_gnd_refuses_a_pickle_that_runs_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "gnd_evil.pkl"
+    path.write_bytes(pickle.dumps({"imlist": ["a"], "qimlist": ["q"], "gnd": [_Boom()]}))
+    with pytest.raises(InputError, match=r"gnd_evil\.pkl.*refusing posix\.system"):
+        R.read_gnd(path)
+    assert not (tmp_path / "BOOM_FILE").exists()
+
+
+def test_read_gnd_reads_numpy_arrays(tmp_path):
+    path = tmp_path / "gnd_np.pkl"
+    cfg = {"imlist": ["a", "b"], "qimlist": ["q"],
+           "gnd": [{"easy": np.array([1]), "hard": np.array([], np.int64), "bbx": np.array([0.0, 1.0, 5.0, 6.0])}]}
+    path.write_bytes(pickle.dumps(cfg))
+    got = R.read_gnd(path)
+    assert got["gnd"][0]["easy"].tolist() == [1] and got["gnd"][0]["bbx"].tolist() == [0.0, 1.0, 5.0, 6.0]

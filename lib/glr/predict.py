@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from glr.arrays import is_rows
-from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, make_transforms
 from glr.data.root import GLDv2Root
 from glr.embeddings.extract import PooledFeatures, default_device, embed_images
 from glr.embeddings.sharded import extract_shards
@@ -77,6 +77,11 @@ class Member:
     def size(self) -> int:
         """The image size this member embeds at."""
         return int(self.image_size or self.data_config["image_size"])
+
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """The eval transform of this member: resize to :attr:`size`, its own mean and std."""
+        return make_transforms(self.size, train=False, mean=self.data_config.get("mean") or IMAGENET_MEAN,
+                               std=self.data_config.get("std") or IMAGENET_STD)
 
     @property
     def val_leak(self) -> bool:

@@ -27,8 +27,8 @@ import numpy as np
 
 from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, make_transforms
 from glr.embeddings.extract import extract_embeddings
-from glr.model.artifact import load_artifact
 from glr.postprocess.expansion import combine_embeddings
+from glr.predict import load_member
 from glr.search import knn
 from glr.utils import InputError
 
@@ -38,8 +38,26 @@ PROTOCOLS = {"easy": (("easy",), ("junk", "hard")),
 KAPPAS = (1, 5, 10)
 
 
+#: The only globals a ground-truth pickle may name: numpy's array and scalar reconstruction.
+_PICKLE_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                   for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (dicts, lists, strings, numbers, numpy arrays): a pickle that
+    names any other callable is refused before anything of it runs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: a ground-truth file holds data only")
+        return super().find_class(module, name)
+
+
 def read_gnd(path: str | os.PathLike) -> dict[str, Any]:
     """Read ``gnd_<dataset>.pkl``; checks the keys and that every index is inside ``imlist``.
+
+    Only plain data is unpickled (:class:`_DataUnpickler`): a file naming any other callable is an
+    :class:`~glr.utils.InputError`, and nothing of it runs.
 
     Returns:
         ``{"imlist": [...], "qimlist": [...], "gnd": [{"easy", "hard", "junk", "bbx"}, ...]}``
@@ -48,7 +66,7 @@ def read_gnd(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            cfg = pickle.load(f)
+            cfg = _DataUnpickler(f).load()
     except FileNotFoundError:
         raise InputError("revisitop ground truth not found", path) from None
     except Exception as e:  # noqa: BLE001 - a truncated or foreign pickle
@@ -226,11 +244,10 @@ def evaluate_model(root: str | os.PathLike, gnd_path: str | os.PathLike, artifac
         raise InputError(f"{len(missing)} images of the ground truth are missing (e.g. {missing[0].name})", jpg)
     q_blocks, db_blocks = [], []
     for a in artifacts:
-        net, data_config, _ = load_artifact(a)
-        size = int(image_size or data_config["image_size"])
-        kw = dict(batch_size=batch_size, progress=progress, mean=data_config.get("mean"), std=data_config.get("std"))
-        db_blocks.append(embed_images_at(net, db_paths, size, **kw))
-        q_blocks.append(embed_images_at(net, q_paths, size, boxes=[g["bbx"] for g in cfg["gnd"]], **kw))
+        m = load_member(a, image_size=image_size)
+        kw = dict(batch_size=batch_size, progress=progress, mean=m.data_config.get("mean"), std=m.data_config.get("std"))
+        db_blocks.append(embed_images_at(m.net, db_paths, m.size, **kw))
+        q_blocks.append(embed_images_at(m.net, q_paths, m.size, boxes=[g["bbx"] for g in cfg["gnd"]], **kw))
     q, db = combine_embeddings(q_blocks), combine_embeddings(db_blocks)
     _, I = knn(q, db, k=len(db))
     result = evaluate(I.T, cfg["gnd"], kappas)

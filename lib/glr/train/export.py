@@ -25,10 +25,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from glr.data.images import ImageDataset, SafeImages, make_transforms, transforms_from_config
+from glr.data.images import ImageDataset, SafeImages
 from glr.data.root import GLDv2Root
 from glr.embeddings.npz import merge_parts, save_embeddings
-from glr.model.artifact import load_artifact
+from glr.predict import load_member
 from glr.utils import InputError
 
 log = logging.getLogger(__name__)
@@ -146,18 +146,13 @@ def export_embeddings(artifact: str | os.PathLike, root: str | os.PathLike, spli
         raise InputError("output is a folder, expected an .npz file path", out)
     if batch_size < 1 or num_workers < 0:
         raise InputError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    net, data_config, _ = load_artifact(artifact)
+    member = load_member(artifact, image_size=image_size)
+    net, size, transform = member.net, member.size, member.transform()
     if split not in _EXPORT_SPLITS:
         raise InputError(f"split must be one of {', '.join(_EXPORT_SPLITS)}, got {split!r}")
     if ids is None:
         ids = split_ids(root, split)
     ids = [str(i) for i in ids]
-    if image_size:
-        size = int(image_size)
-        transform = make_transforms(size, train=False, mean=data_config["mean"], std=data_config["std"])
-    else:
-        size = int(data_config["image_size"])
-        transform = transforms_from_config(data_config)
     if not ids:
         return save_embeddings(out, [], np.zeros((0, int(getattr(net, "embedding_size", 0))), np.float32))
 
