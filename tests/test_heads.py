@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glr.model.heads import HEADS, ArcFace, CosFace, build_head, class_weights, dynamic_margins, expand_head_state
+from glr.model.heads import (HEADS, ArcFace, CosFace, build_head, class_weights, dynamic_margins, expand_head_state,
+                             register_head, unregister_head)
+from glr.utils import InputError
 
 # Three unit class centres in 2-D: east, north, west.
 CENTRES = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
@@ -250,3 +252,27 @@ def test_finite_gradients_at_cos_plus_minus_one(kind, easy):
     for name, p in list(head.named_parameters()) + [("emb", emb)]:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert head.weight.grad.abs().sum() > 0
+
+
+def test_a_registered_head_is_built_by_name():
+    @register_head("toy_cosface_k2")  # a new head: one builder and its registration
+    def _toy(in_features, num_classes, s, m, k, easy_margin):
+        return CosFace(in_features, num_classes, s=s, m=m, k=2)
+
+    try:
+        assert "toy_cosface_k2" in HEADS  # the registry's live view
+        head = build_head("toy_cosface_k2", 8, 4, s=16.0, m=0.1, dynamic_margin=True, counts=[1, 16, 81, 4])
+        assert type(head) is CosFace and head.weight.shape == (8, 8) and head.s == 16.0
+        assert torch.allclose(head.margins, dynamic_margins([1, 16, 81, 4]))
+        args = json.loads(json.dumps(head.head_args))
+        assert args["kind"] == "toy_cosface_k2" and args["k"] == 2
+        again = build_head(**args, in_features=8, num_classes=4, counts=[1, 16, 81, 4])
+        assert torch.equal(again.margins, head.margins) and again.head_args == head.head_args
+        with pytest.raises(ValueError, match="already registered"):
+            register_head("cosface")(_toy)
+    finally:
+        unregister_head("toy_cosface_k2")
+    assert "toy_cosface_k2" not in HEADS
+    with pytest.raises(InputError, match="unknown head kind 'toy_cosface_k2'; expected one of arcface, "
+                                         "subcenter_arcface, cosface"):
+        build_head("toy_cosface_k2", 8, 4)

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from glr.model import adapters
+from glr.model.adapters import Adapter, adapter_for, register_adapter, unregister_adapter
 from glr.model.heads import ArcFace
 from glr.model.net import LITE0_PACKAGE, EmbeddingNet, build_net, convert_positional, lite0_package_file, resolve_pretrained_file
 from glr.model.layers import GeM, gem
@@ -141,3 +143,42 @@ def test_artifact_rebuilds_alone(tmp_path):
         load_artifact(tmp_path / "bad.pt")
     with pytest.raises(InputError, match="not found"):
         load_artifact(tmp_path / "nope.pt")
+
+
+def test_backbone_adapters_last_stride_and_weight_sources(tmp_path):
+    assert adapter_for("resnet18", "last_stride_1").name == "resnet"
+    assert adapter_for("seresnext26d_32x4d.a1_in1k", "last_stride_1").name == "resnet"  # a tagged timm name
+    assert adapter_for("efficientnet_lite0", "last_stride_1") is None
+    assert adapter_for("efficientnet_lite0", "weights").name == "efficientnet_lite0"
+    with pytest.raises(InputError, match="last_stride=1 is not available for test_efficientnet.*ResNet-family"):
+        EmbeddingNet("test_efficientnet", embedding_size=8, last_stride=True)
+
+    def stem_stride_1(backbone, name):  # a toy "last stride" for the EfficientNet family
+        backbone.conv_stem.stride = (1, 1)
+
+    def toy_weights(backbone, cache_dir):
+        torch.manual_seed(7)
+        path = cache_dir / f"{backbone}_toy.pth"
+        torch.save(EmbeddingNet(backbone, embedding_size=8).backbone.state_dict(), path)
+        return path
+
+    register_adapter(Adapter("toy_effnet", families=("efficientnet",), last_stride_1=stem_stride_1,
+                             weights={"toy-weights": toy_weights}))
+    try:
+        a = EmbeddingNet("test_efficientnet", embedding_size=8)
+        b = EmbeddingNet("test_efficientnet", embedding_size=8, last_stride=True)
+        x = torch.randn(1, 3, 64, 64)
+        assert b.backbone.forward_features(x).shape[-1] == 2 * a.backbone.forward_features(x).shape[-1]
+        net = build_net(dict(backbone="test_efficientnet", embedding_size=8, pretrained="toy-weights",
+                             cache_dir=tmp_path))
+        saved = torch.load(tmp_path / "test_efficientnet_toy.pth", weights_only=True)
+        assert torch.equal(net.backbone.conv_stem.weight, saved["conv_stem.weight"])
+        with pytest.raises(InputError, match="toy-weights holds weights for timm families efficientnet, not test_resnet"):
+            resolve_pretrained_file("test_resnet", "toy-weights", cache_dir=tmp_path)
+        with pytest.raises(ValueError, match="already registered"):
+            register_adapter(Adapter("toy_effnet"))
+        with pytest.raises(ValueError, match="weight source"):
+            register_adapter(Adapter("toy_2", weights={adapters.LITE0_PACKAGE: toy_weights}))
+    finally:
+        unregister_adapter("toy_effnet")
+    assert adapter_for("test_efficientnet", "last_stride_1") is None

@@ -29,7 +29,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -154,6 +154,24 @@ class ShardedEmbeddings:
         for a, block in self.blocks():
             out[a:a + len(block)] = block
         return out
+
+    # ---- writing a derived store
+    def write_like(self, path: str | os.PathLike, rows: Callable[[int, int], np.ndarray],
+                   note: str) -> "ShardedEmbeddings":
+        """A new store at ``path`` with this store's ids, dim, dtype and shard size, written shard
+        by shard from ``rows(a, b)`` (the (b - a, D) float32 rows ``a:b``, e.g. a DBA of
+        :mod:`glr.postprocess.expansion`); unreadable rows stay zero and flagged, ``note`` is
+        appended to ``info["postprocess"]``. Returns the new store, opened."""
+        info = {**self.info, "postprocess": [*self.info.get("postprocess", []), note]}
+        manifest = create_store(path, self.ids, self.dim, self.dtype, self.shard_size, info, resume=False)
+        for s in range(manifest["num_shards"]):
+            a = s * self.shard_size
+            b = min(len(self), a + self.shard_size)
+            block = rows(a, b)
+            block[~self.ok[a:b]] = 0.0
+            failed = {self.ids[r]: self.failed.get(self.ids[r], "unreadable") for r in range(a, b) if not self.ok[r]}
+            write_shard(path, manifest, self.ids, s, block, failed)
+        return ShardedEmbeddings.open(path)
 
 
 def _read_head(path: Path) -> tuple[dict[str, Any], list[str]]:

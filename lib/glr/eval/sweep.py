@@ -11,12 +11,13 @@ setting expands to one candidate per value (their product)::
     landmark_country:
       - {alpha: [0.5, 1.0], beta: [0.0, 0.1], k: 3}
 
-The stages are taken in the chain's order (:data:`glr.postprocess.steps.STEPS`), greedily:
+The stages are taken in the chain's order (the step registry,
+:mod:`glr.postprocess.registry`; a registered step is a stage with no change here), greedily:
 each candidate is scored on top of the best chain so far, the best one on the *tuning*
 subset (Public = validation for the GLDv2 v2.1 protocol) is kept when it beats the chain
 without it, and the other subset (Private) is only reported. The table printed is the
 paper's Table 7 pipeline: global features → DBA/QE → re-ranking. kNN graphs go through a
-:class:`~glr.postprocess.steps.GraphCache` (on disk when given a folder), so a re-run
+:class:`~glr.postprocess.cache.GraphCache` (on disk when given a folder), so a re-run
 with other settings searches nothing it has searched before.
 """
 
@@ -36,16 +37,15 @@ from glr import metrics
 from glr.postprocess.cache import GraphCache
 from glr.postprocess.chain import Context, expand_features, missing_inputs, rerank, shortlist
 from glr.postprocess.config import STEPS, describe, normalize_config
+from glr.postprocess.registry import Env, LiveTable, get_step, steps
 from glr.submission import retrieval_rows
 from glr.utils import InputError
 
 log = logging.getLogger(__name__)
 
-#: Labels of the stages in tables.
-STAGE_NAMES = {"baseline": "global features (kNN)", "whitening": "+ PCA whitening", "expansion": "+ DBA/αQE",
-               "kreciprocal": "+ k-reciprocal", "landmark_country": "+ landmark–country",
-               "train_label": "+ train-label sort/insert", "nonlandmark": "+ non-landmark penalty",
-               "spatial": "+ spatial verification"}
+#: Labels of the stages in tables: the baseline's, then each step's ``label`` (a live view).
+STAGE_NAMES: Mapping[str, str] = LiveTable(lambda: {"baseline": "global features (kNN)",
+                                                    **{s.name: s.label for s in steps()}})
 
 
 #: The demo's grid: small enough for the synthetic CV (seconds), wide enough to choose.
@@ -247,22 +247,20 @@ def run_sweep(q: np.ndarray, db: np.ndarray, scorer: RetrievalScorer, grid: Mapp
 
 def _prewarm(step: str, cands: Sequence[Mapping[str, Any]], best_cfg: Mapping[str, Any], q: np.ndarray,
              db: np.ndarray, ctx: Context, cache: GraphCache) -> None:
-    """Search a stage's graph once at the largest k its candidates need (they take slices)."""
-
-    full = [normalize_config({step: c})[step] for c in cands]
-    if step == "expansion":
-        ks = [c["k"] for c in full if c["form"] == "joint"]
-        if ks:
-            A = np.concatenate([q, db])
-            cache.knn(A, A, max(ks))
-        dba = [c["dba_n"] + 1 for c in full if c["form"] == "classic" and c["dba_n"] > 0]
-        if dba:
-            cache.knn(db, db, max(dba))
-    elif step == "kreciprocal":
-        q2, db2 = expand_features(q, db, best_cfg, cache)
-        cache.joint(np.concatenate([q2, db2]), max(max(c["k1"] + 1, c["k2"]) for c in full))
-    elif step in ("landmark_country", "train_label") and ctx.train is not None:
-        cache.knn(q, ctx.train, max(c["k"] for c in full))
+    """Let a stage's step search its graphs once, at the largest k its candidates need (they
+    take slices): on the descriptors its ``apply`` sees (the feature steps before it of the
+    chain so far; all of them for a shortlist step; the original ones for a re-ranker)."""
+    s = get_step(step)
+    if s.prewarm is None:
+        return
+    full = [s.normalize(c) for c in cands]
+    if s.kind == "rerank":
+        qi, dbi = q, db
+    else:
+        before = [f.name for f in steps("features")]
+        before = before[: before.index(step)] if s.kind == "features" else before
+        qi, dbi = expand_features(q, db, {n: best_cfg.get(n) for n in before}, cache)
+    s.prewarm(full, qi, dbi, Env(q=q, db=db, ctx=ctx, cache=cache, config=best_cfg))
 
 
 def _fmt(scores: Mapping[str, Any] | None, subset: str) -> str:

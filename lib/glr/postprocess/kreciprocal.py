@@ -59,6 +59,7 @@ from typing import Any, Iterator
 import numpy as np
 import scipy.sparse as sp
 
+from glr.postprocess.registry import Env, Option, register_step
 from glr.search import _as_matrix as _features
 from glr.search import _as_positive_int as _positive_int
 from glr.search import _chunks, _exact_fp32_matmul, _import_torch, _progress
@@ -162,7 +163,6 @@ def k_reciprocal_exact(
     qg = _distances(qg, "q_g_dist", (nq, ng))
     qq = _distances(q_q_dist, "q_q_dist", (nq, nq))
     gg = _distances(g_g_dist, "g_g_dist", (ng, ng))
-    n = nq + ng
     if nq == 0 or ng == 0:
         return np.zeros((nq, ng), np.float32)
 
@@ -171,6 +171,15 @@ def k_reciprocal_exact(
     # Column j divided by the max of column j, then transposed: row i <- column i.
     D = np.transpose(D / np.max(D, axis=0))
     R = np.argsort(D).astype(np.int32)  # numpy's default sort, as the reference
+    V = _exact_V(D, R, k1, k2)
+    final = _combine(_exact_jaccard(V, nq), D[:nq], lam)
+    return np.ascontiguousarray(final[:, nq:])
+
+
+def _exact_V(D: np.ndarray, R: np.ndarray, k1: int, k2: int) -> np.ndarray:
+    """The reference's (N, N) float32 ``V`` from the normalised squared distances ``D`` and
+    their ranks ``R``: k-reciprocal sets, their expansion, then the local query expansion."""
+    n = len(D)
 
     def reciprocal(i: int, k: int) -> np.ndarray:
         fwd = R[i, : k + 1]
@@ -195,11 +204,18 @@ def k_reciprocal_exact(
         for i in range(n):
             V_qe[i, :] = np.mean(V[R[i, :k2], :], axis=0)
         V = V_qe
+    return V
 
-    # Jaccard of each query row against all N rows. The reference adds, in float32 and in
-    # increasing t over the query's non-zero columns, min(V[i,t], V[j,t]) to temp[j] for the
-    # rows j with V[j,t] != 0; adding the exact zeros of the other rows changes nothing, so a
-    # float32 cumulative sum (sequential) over those columns gives the same bits.
+
+def _exact_jaccard(V: np.ndarray, nq: int) -> np.ndarray:
+    """(nq, N) float32 Jaccard distances of the first ``nq`` rows of ``V`` to all N rows.
+
+    The reference adds, in float32 and in increasing t over the query's non-zero columns,
+    min(V[i,t], V[j,t]) to temp[j] for the rows j with V[j,t] != 0; adding the exact zeros of
+    the other rows changes nothing, so a float32 cumulative sum (sequential) over those
+    columns gives the same bits.
+    """
+    n = len(V)
     jac = np.zeros((nq, n), np.float32)
     for i in range(nq):
         nz = np.nonzero(V[i, :])[0]
@@ -208,9 +224,7 @@ def k_reciprocal_exact(
         else:
             temp = np.zeros(n, np.float32)
         jac[i] = 1 - temp / (2.0 - temp)
-
-    final = _combine(jac, D[:nq], lam)
-    return np.ascontiguousarray(final[:, nq:])
+    return jac
 
 
 # --------------------------------------------------------------------------- top-k helpers
@@ -623,3 +637,25 @@ def k_reciprocal_rerank(
     for a, b, final in _run(q, db, k1, k2, lam, graph, batch, progress):
         S[a:b], I[a:b] = _topk_largest(_F32(1.0) - final, kk, torch)
     return S, I
+
+
+# --------------------------------------------------------------------------- the chain's step
+def _graph_k(opts: dict[str, Any]) -> int:
+    return max(opts["k1"] + 1, opts["k2"])  # the local expansion averages k2 rows
+
+
+def _prewarm(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: Env) -> None:
+    env.cache.joint(np.concatenate([q, db]), max(_graph_k(c) for c in cands))
+
+
+@register_step("kreciprocal", kind="shortlist", order=10, label="+ k-reciprocal", prewarm=_prewarm,
+               describe=lambda o: f"k1={o['k1']} k2={o['k2']} λ={o['lambda']:g}",
+               options={"k1": Option(20, int, minimum=1, help="size of the k-reciprocal neighbourhoods"),
+                        "k2": Option(6, int, minimum=1, help="rows averaged by the local query expansion"),
+                        "lambda": Option(0.3, float, minimum=0.0, maximum=1.0,
+                                         help="weight of the original distance")})
+def _step(q: np.ndarray, db: np.ndarray, opts: dict[str, Any], n: int, env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``n`` index rows of every query by k-reciprocal re-ranking of the whole index."""
+    graph = env.cache.joint(np.concatenate([q, db]), _graph_k(opts))
+    return k_reciprocal_rerank(q, db, k1=opts["k1"], k2=opts["k2"], lambda_value=opts["lambda"], topk=n,
+                               graph=graph, progress=env.progress)

@@ -26,6 +26,7 @@ re-sorts are stable: entries whose new scores are equal keep their previous orde
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from glr.postprocess.registry import Env, Option, register_step
 from glr.search import knn
+from glr.submission import recognition_predictions
 
 log = logging.getLogger(__name__)
 
@@ -424,6 +427,41 @@ def _inserted(I: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray, q: np.
     return ins_I, ins_S, groups
 
 
+def _insert_descriptors(q: Any, db: Any, nq: int, ndb: int) -> tuple[np.ndarray, np.ndarray]:
+    """``q`` (nq, D) and ``db`` (ndb, D) checked, as C-contiguous float32."""
+    if q is None or db is None:
+        raise ValueError("train_label_rerank(insert=True) needs the descriptors q and db")
+    q, db = np.asarray(q), np.asarray(db)
+    if q.ndim != 2 or db.ndim != 2 or q.shape[0] != nq or db.shape[0] != ndb or q.shape[1] != db.shape[1]:
+        raise ValueError(f"q must be (Nq={nq}, D) and db (Ndb={ndb}, D) with the same D, "
+                         f"got q {q.shape} and db {db.shape}")
+    return np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(db, dtype=np.float32)
+
+
+def _tiered(S: np.ndarray, I: np.ndarray, ins_S: np.ndarray, ins_I: np.ndarray, ql: np.ndarray, dl: np.ndarray,
+            top: float) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """One block of queries of :func:`train_label_rerank`: ``(S', I', shortlist positives,
+    inserted positives)``; ``top`` is the tier offset of the shortlist's positives in gaps."""
+    K = S.shape[1]
+    kn = ql >= 0
+    valid = I >= 0
+    pos = valid & kn[:, None] & (_lookup(dl, I) == ql[:, None])
+    # Tiers: 0 shortlist positives, 1 inserted, 2 negatives, 3 padding (both parts).
+    tier = np.concatenate([np.where(pos, 0, np.where(valid, 2, 3)), np.where(ins_I >= 0, 1, 3)], axis=1)
+    tier[~kn] = 0  # unknown label: every entry in one tier, the stable sort is the identity
+    order = np.argsort(tier, axis=1, kind="stable")[:, :K]
+    tier = np.take_along_axis(tier, order, 1)
+    I_new = np.take_along_axis(np.concatenate([I, ins_I], axis=1), order, 1)
+    base = np.take_along_axis(np.concatenate([S, ins_S], axis=1), order, 1).astype(np.float64)
+    kept = I_new >= 0
+    hi = np.where(kept, base, -np.inf).max(axis=1, initial=-np.inf)
+    lo = np.where(kept, base, np.inf).min(axis=1, initial=np.inf)
+    gap = np.where(np.isfinite(hi), 1.0 + hi - lo, 1.0)[:, None]
+    offset = np.select([tier == 0, tier == 1], [top * gap, gap], 0.0)
+    offset[~kn] = 0.0
+    return (base + offset).astype(np.float32), I_new, int(pos.sum()), int(np.count_nonzero(tier[kn] == 1))
+
+
 def train_label_rerank(
     S: np.ndarray,
     I: np.ndarray,
@@ -480,14 +518,7 @@ def train_label_rerank(
     _check_refs(I, len(dl), "I", "db_labels")
     known = ql >= 0
     if insert:
-        if q is None or db is None:
-            raise ValueError("train_label_rerank(insert=True) needs the descriptors q and db")
-        q, db = np.asarray(q), np.asarray(db)
-        if q.ndim != 2 or db.ndim != 2 or q.shape[0] != nq or db.shape[0] != len(dl) or q.shape[1] != db.shape[1]:
-            raise ValueError(f"q must be (Nq={nq}, D) and db (Ndb={len(dl)}, D) with the same D, "
-                             f"got q {q.shape} and db {db.shape}")
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        db = np.ascontiguousarray(db, dtype=np.float32)
+        q, db = _insert_descriptors(q, db, nq, len(dl))
         ins_I, ins_S, groups = _inserted(I, ql, dl, q, db)
     else:
         ins_I, ins_S, groups = np.full((nq, 0), -1, np.int64), np.zeros((nq, 0), np.float32), 0
@@ -496,26 +527,9 @@ def train_label_rerank(
     n_pos = n_ins = 0
     top = 2.0 if insert else 1.0
     for a, b in _row_blocks(nq, K + ins_I.shape[1]):
-        Ib, kn = I[a:b], known[a:b]
-        valid = Ib >= 0
-        pos = valid & kn[:, None] & (_lookup(dl, Ib) == ql[a:b, None])
-        # Tiers: 0 shortlist positives, 1 inserted, 2 negatives, 3 padding (both parts).
-        tier = np.concatenate([np.where(pos, 0, np.where(valid, 2, 3)), np.where(ins_I[a:b] >= 0, 1, 3)], axis=1)
-        tier[~kn] = 0  # unknown label: every entry in one tier, the stable sort is the identity
-        order = np.argsort(tier, axis=1, kind="stable")[:, :K]
-        tier = np.take_along_axis(tier, order, 1)
-        I_new = np.take_along_axis(np.concatenate([Ib, ins_I[a:b]], axis=1), order, 1)
-        base = np.take_along_axis(np.concatenate([S[a:b], ins_S[a:b]], axis=1), order, 1).astype(np.float64)
-        kept = I_new >= 0
-        hi = np.where(kept, base, -np.inf).max(axis=1, initial=-np.inf)
-        lo = np.where(kept, base, np.inf).min(axis=1, initial=np.inf)
-        gap = np.where(np.isfinite(hi), 1.0 + hi - lo, 1.0)[:, None]
-        offset = np.select([tier == 0, tier == 1], [top * gap, gap], 0.0)
-        offset[~kn] = 0.0
-        S_out[a:b] = (base + offset).astype(np.float32)
-        I_out[a:b] = I_new
-        n_pos += int(pos.sum())
-        n_ins += int(np.count_nonzero(tier[kn] == 1))
+        S_out[a:b], I_out[a:b], p, n = _tiered(S[a:b], I[a:b], ins_S[a:b], ins_I[a:b], ql[a:b], dl, top)
+        n_pos += p
+        n_ins += n
     log.info("train_label_rerank: %d queries x %d (%d with a label), %d shortlist positives moved up, "
              "%d positives inserted (%d label groups)", nq, K, int(known.sum()), n_pos, n_ins, groups)
     return S_out, I_out
@@ -592,3 +606,65 @@ def nonlandmark_penalty(
         S_out[a:b], I_out[a:b] = _resort((S[a:b].astype(np.float64) - weight * pen).astype(np.float32), Ib)
     log.info("nonlandmark_penalty: %d queries x %d, weight=%g", S.shape[0], S.shape[1], weight)
     return S_out, I_out
+
+
+# --------------------------------------------------------------------------- the chain's steps
+#: Steps that tag the queries through their train neighbours: they share one query → train graph.
+TRAIN_TAGGERS = ("landmark_country", "train_label")
+
+
+def _train_neighbours(env: Env) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(Sq, Iq)`` the queries' top train neighbours (as many as the train-tagging steps on
+    need at most) and ``Idb`` (Ndb, 1) each index row's top-1 train neighbour."""
+    kq = max(env.config[s]["k"] if env.config.get(s) else 1 for s in TRAIN_TAGGERS)
+    Sq, Iq = env.cache.knn(env.q, env.ctx.train, kq)
+    _, Idb = env.cache.knn(env.db, env.ctx.train, 1)
+    return Sq, Iq, Idb
+
+
+def _prewarm_train(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: Env) -> None:
+    if env.ctx.train is not None:
+        env.cache.knn(q, env.ctx.train, max(c["k"] for c in cands))
+
+
+@register_step("landmark_country", kind="rerank", order=10, label="+ landmark–country",
+               needs=("train", "train_landmarks"), prewarm=_prewarm_train,
+               describe=lambda o: f"α={o['alpha']:g} β={o['beta']:g} k={o['k']}",
+               options={"alpha": Option(1.0, float, help="weight of the landmark tag"),
+                        "beta": Option(0.1, float, help="weight of the country tag"),
+                        "k": Option(3, int, minimum=1, help="train neighbours that vote")})
+def _landmark_country_step(S: np.ndarray, I: np.ndarray, opts: dict[str, Any], env: Env
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Landmark–country aware re-ranking (Eq. 2) with tags from the train neighbours."""
+    Sq, Iq, Idb = _train_neighbours(env)
+    ctx = env.ctx
+    countries = ctx.train_countries
+    if countries is None:
+        countries = np.full(len(ctx.train_landmarks), -1, np.int64)
+    tags = query_tags(Sq, Iq, ctx.train_landmarks, countries, k=opts["k"])
+    db_lm, db_c = index_tags(Idb, ctx.train_landmarks, countries)
+    return landmark_country_rerank(S, I, tags, db_lm, db_c, alpha=opts["alpha"], beta=opts["beta"])
+
+
+@register_step("train_label", kind="rerank", order=20, label="+ train-label sort/insert",
+               needs=("train", "train_landmarks"), prewarm=_prewarm_train,
+               options={"insert": Option(False, bool, help="also insert same-label images missing from the list"),
+                        "k": Option(5, int, minimum=1, help="train neighbours of the query's label vote")})
+def _train_label_step(S: np.ndarray, I: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """Train-label sort (and insert): same-label index images first."""
+    Sq, Iq, Idb = _train_neighbours(env)
+    q_lab, _ = recognition_predictions(Sq, Iq, env.ctx.train_landmarks, top_k=opts["k"])
+    db_lab = np.asarray(env.ctx.train_landmarks, np.int64)[Idb[:, 0]]
+    return train_label_rerank(S, I, q_lab, db_lab, q=env.q, db=env.db, insert=opts["insert"])
+
+
+@register_step("nonlandmark", kind="rerank", order=30, label="+ non-landmark penalty", needs=("distractors",),
+               options={"weight": Option(1.0, float, help="penalty weight"),
+                        "k": Option(5, int, minimum=1, help="nearest distractors averaged")})
+def _nonlandmark_step(S: np.ndarray, I: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """Non-landmark penalty: scores minus the index rows' closeness to the distractors."""
+    cache, d = env.cache, env.ctx.distractors
+    key = "nonlandmark" + json.dumps([cache.fp(env.db), cache.fp(d), opts["k"]])
+    if key not in cache.memo:  # the same for every setting of the weight
+        cache.memo[key] = nonlandmark_scores(env.db, d, k=opts["k"])
+    return nonlandmark_penalty(S, I, cache.memo[key], weight=opts["weight"])

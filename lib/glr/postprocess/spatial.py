@@ -34,11 +34,13 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 from PIL import Image
+
+from glr.postprocess.registry import Env, Option, register_step
 
 log = logging.getLogger(__name__)
 
@@ -249,11 +251,17 @@ def count_inliers(a: LocalFeatures, b: LocalFeatures, ratio: float | None = 0.8,
 
 # --------------------------------------------------------------------------- re-ranking
 class _FeatureCache:
-    """Features per image path: an LRU of ``size`` entries; unreadable files remembered apart."""
+    """Features per image path: an LRU of ``size`` entries; unreadable files remembered apart.
 
-    def __init__(self, size: int, detector: str, max_side: int, max_keypoints: int) -> None:
+    ``load(path, max_side) -> (gray (h, w) uint8, scale)`` reads an image (default
+    :func:`_load_gray`, looked up when called).
+    """
+
+    def __init__(self, size: int, detector: str, max_side: int, max_keypoints: int,
+                 load: Callable[[str, int], tuple[np.ndarray, float]] | None = None) -> None:
         self.size, self.detector, self.max_side, self.max_keypoints = size, detector, max_side, max_keypoints
         self.engine = _make_detector(detector, max_keypoints)
+        self.load = load
         self.lru: OrderedDict[str, LocalFeatures] = OrderedDict()
         self.bad: set[str] = set()
 
@@ -266,7 +274,7 @@ class _FeatureCache:
             self.lru.move_to_end(path)
             return f
         try:
-            gray, scale = _load_gray(path, self.max_side)
+            gray, scale = (self.load or _load_gray)(path, self.max_side)
             f = _features(gray, scale, self.detector, self.engine, self.max_keypoints)
         except Exception as e:  # noqa: BLE001  (any unreadable image: warn once, 0 inliers)
             self.bad.add(path)
@@ -310,12 +318,70 @@ def _progress(iterable: Any, total: int, enabled: bool) -> Any:
     return tqdm(iterable, total=total, desc="spatial", unit="query")
 
 
+@dataclass(frozen=True)
+class _Verify:
+    """The checked settings of one :func:`spatial_rerank` call."""
+
+    top_n: int
+    max_inliers: float
+    budget: float | None
+    ratio: float | None
+    ransac_threshold: float
+    min_matches: int
+    mutual: bool
+
+
+def _settings(top_n: Any, max_inliers: Any, time_budget_s: Any, ratio: Any, ransac_threshold: Any,
+              min_matches: Any, mutual: bool) -> _Verify:
+    budget = None if time_budget_s is None else _positive_float(time_budget_s, "time_budget_s", allow_zero=True)
+    if ratio is not None and not (0 < float(ratio) <= 1):
+        raise ValueError(f"ratio must be in (0, 1] or None, got {ratio!r}")
+    return _Verify(top_n=_int_at_least(top_n, "top_n", 0), max_inliers=_positive_float(max_inliers, "max_inliers"),
+                   budget=budget, ratio=ratio, ransac_threshold=_positive_float(ransac_threshold, "ransac_threshold"),
+                   min_matches=_int_at_least(min_matches, "min_matches", 3), mutual=mutual)
+
+
+def _verify_row(S: np.ndarray, I: np.ndarray, i: int, n_top: int, q_path: str, d_paths: Sequence[str],
+                cache: _FeatureCache, v: _Verify) -> tuple[int, int, int]:
+    """Verify query row ``i``'s first ``n_top`` candidates in rank order (``S[i]`` gets the
+    bonuses in place) and re-sort the row; returns ``(verified, skipped, over_budget)``."""
+    cols = np.flatnonzero(I[i, :n_top] >= 0)
+    t0 = time.perf_counter()
+    qf: LocalFeatures | None = None
+    q_loaded = False
+    verified = skipped = over = 0
+    for c, j in enumerate(cols):
+        if v.budget is not None and time.perf_counter() - t0 >= v.budget:
+            skipped, over = len(cols) - c, 1
+            break
+        if not q_loaded:
+            # a query is seen once: its features are not kept, so they evict no index image
+            qf, q_loaded = cache.get(q_path, keep=False), True
+        verified += 1
+        if qf is None:
+            continue  # unreadable query: every pair has 0 inliers
+        df = cache.get(d_paths[I[i, j]])
+        if df is None:
+            continue
+        inl = count_inliers(qf, df, ratio=v.ratio, ransac_threshold=v.ransac_threshold, min_matches=v.min_matches,
+                            mutual=v.mutual)
+        if inl > 0:
+            S[i, j] = np.float32(float(S[i, j]) + min(inl, v.max_inliers) / v.max_inliers)
+    valid = I[i] >= 0
+    order = np.argsort(-S[i], kind="stable")
+    order = np.concatenate([order[valid[order]], order[~valid[order]]])
+    S[i], I[i] = S[i, order], I[i, order]
+    return verified, skipped, over
+
+
 def spatial_rerank(query_paths: Sequence[str | os.PathLike], db_paths: Sequence[str | os.PathLike],
                    S: np.ndarray, I: np.ndarray, top_n: int = 100, max_inliers: int = 70,
                    time_budget_s: float | None = 2.0, detector: str = "sift", max_side: int = 512,
                    max_keypoints: int = 1000, cache_size: int = 2048, progress: bool = False,
                    ratio: float | None = 0.8, ransac_threshold: float = RANSAC_THRESHOLD,
-                   min_matches: int = 4, mutual: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                   min_matches: int = 4, mutual: bool = True,
+                   load_image: Callable[[str, int], tuple[np.ndarray, float]] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Re-rank the top results of a global ranking by local-feature spatial verification.
 
     For each query row, its first ``top_n`` candidates (padding skipped) are verified in rank
@@ -346,6 +412,8 @@ def spatial_rerank(query_paths: Sequence[str | os.PathLike], db_paths: Sequence[
         ransac_threshold: RANSAC inlier threshold in pixels of the resized images.
         min_matches: fewer matches or inliers than this count as 0 inliers.
         mutual: also require mutual nearest neighbours (see :func:`count_inliers`).
+        load_image: ``(path, max_side) -> (gray (h, w) uint8, scale)``, how an image is read
+            (default: PIL, as :func:`local_features`); an exception counts as unreadable.
 
     Returns:
         ``(S', I', stats)``: ``S'`` float32 (Nq, K) new scores and ``I'`` int64 (Nq, K) rows,
@@ -361,54 +429,38 @@ def spatial_rerank(query_paths: Sequence[str | os.PathLike], db_paths: Sequence[
     """
     t_start = time.perf_counter()
     detector = _check_detector(detector)
-    top_n = _int_at_least(top_n, "top_n", 0)
     max_side = _int_at_least(max_side, "max_side", 1)
     max_keypoints = _int_at_least(max_keypoints, "max_keypoints", 1)
     cache_size = _int_at_least(cache_size, "cache_size", 0)
-    max_inl = _positive_float(max_inliers, "max_inliers")
-    budget = None if time_budget_s is None else _positive_float(time_budget_s, "time_budget_s", allow_zero=True)
-    if ratio is not None and not (0 < float(ratio) <= 1):
-        raise ValueError(f"ratio must be in (0, 1] or None, got {ratio!r}")
-    ransac_threshold = _positive_float(ransac_threshold, "ransac_threshold")
-    min_matches = _int_at_least(min_matches, "min_matches", 3)
+    v = _settings(top_n, max_inliers, time_budget_s, ratio, ransac_threshold, min_matches, mutual)
     q_paths = [os.fspath(p) for p in query_paths]
     d_paths = [os.fspath(p) for p in db_paths]
     S, I = _check_ranking(S, I, len(q_paths), len(d_paths))
     nq, k = S.shape
-    n_top = min(top_n, k)
-    cache = _FeatureCache(cache_size, detector, max_side, max_keypoints)
-    verified = skipped = over_budget = 0
+    n_top = min(v.top_n, k)
+    cache = _FeatureCache(cache_size, detector, max_side, max_keypoints, load=load_image)
+    totals = np.zeros(3, np.int64)  # verified, skipped, over budget
     log.info("spatial_rerank: %d queries x top %d of %d, detector=%s max_side=%d budget=%s s", nq, n_top, k,
-             detector, max_side, budget)
+             detector, max_side, v.budget)
     for i in _progress(range(nq), nq, progress):
-        cols = np.flatnonzero(I[i, :n_top] >= 0)
-        t0 = time.perf_counter()
-        qf: LocalFeatures | None = None
-        q_loaded = False
-        for c, j in enumerate(cols):
-            if budget is not None and time.perf_counter() - t0 >= budget:
-                skipped += len(cols) - c
-                over_budget += 1
-                break
-            if not q_loaded:
-                # a query is seen once: its features are not kept, so they evict no index image
-                qf, q_loaded = cache.get(q_paths[i], keep=False), True
-            verified += 1
-            if qf is None:
-                continue  # unreadable query: every pair has 0 inliers
-            df = cache.get(d_paths[I[i, j]])
-            if df is None:
-                continue
-            inl = count_inliers(qf, df, ratio=ratio, ransac_threshold=ransac_threshold, min_matches=min_matches,
-                                mutual=mutual)
-            if inl > 0:
-                S[i, j] = np.float32(float(S[i, j]) + min(inl, max_inl) / max_inl)
-        valid = I[i] >= 0
-        order = np.argsort(-S[i], kind="stable")
-        order = np.concatenate([order[valid[order]], order[~valid[order]]])
-        S[i], I[i] = S[i, order], I[i, order]
+        totals += _verify_row(S, I, i, n_top, q_paths[i], d_paths, cache, v)
     seconds = time.perf_counter() - t_start
-    stats = {"verified": int(verified), "skipped": int(skipped), "unreadable": len(cache.bad),
-             "seconds": round(float(seconds), 3), "queries": int(nq), "over_budget": int(over_budget)}
+    stats = {"verified": int(totals[0]), "skipped": int(totals[1]), "unreadable": len(cache.bad),
+             "seconds": round(float(seconds), 3), "queries": int(nq), "over_budget": int(totals[2])}
     log.info("spatial_rerank: %s", stats)
     return S, I, stats
+
+
+# --------------------------------------------------------------------------- the chain's step
+@register_step("spatial", kind="rerank", order=40, label="+ spatial verification", needs=("q_paths", "db_paths"),
+               options={"top_n": Option(20, int, minimum=0, help="candidates verified per query"),
+                        "max_inliers": Option(70, int, minimum=1, help="inliers that earn the full bonus of 1"),
+                        "time_budget_s": Option(2.0, float, nullable=True, minimum=0.0,
+                                                help="seconds per query (null: no limit)"),
+                        "detector": Option("sift", str, choices=tuple(DETECTORS)),
+                        "max_side": Option(512, int, minimum=1, help="longest image side for the features")})
+def _step(S: np.ndarray, I: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Spatial verification of each query's top candidates; its statistics go to the chain's info."""
+    return spatial_rerank(env.ctx.q_paths, env.ctx.db_paths, S, I, top_n=opts["top_n"],
+                          max_inliers=opts["max_inliers"], time_budget_s=opts["time_budget_s"],
+                          detector=opts["detector"], max_side=opts["max_side"], progress=env.progress)

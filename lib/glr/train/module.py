@@ -31,7 +31,8 @@ class LandmarkModule(pl.LightningModule):
             embeddings with a ``forward_unnormalised`` method and an ``embedding_size``,
             e.g. :class:`EmbeddingNet`).
         num_classes: number of training classes C.
-        head: ``arcface``, ``subcenter_arcface`` or ``cosface`` (:func:`glr.heads.build_head`).
+        head: a registered head kind (:data:`glr.model.heads.HEADS`: ``arcface``,
+            ``subcenter_arcface``, ``cosface``, …; built by :func:`glr.model.heads.build_head`).
         arcface_s, arcface_m: scale and (fixed) margin of the head.
         subcenter_k: sub-centers per class of ``subcenter_arcface``.
         dynamic_margin: per-class margins ``margin_a · f(count) + margin_b`` (1st place
