@@ -1,4 +1,5 @@
-"""Train one stage: options → data module, network, margin head → Lightning fit → artifact.
+"""Train one stage: a :class:`~glr.train.config.TrainConfig` → data module, network, margin head →
+Lightning fit → artifact.
 """
 
 from __future__ import annotations
@@ -7,61 +8,117 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import lightning.pytorch as pl
+import timm
 import torch
 
 from glr.model.artifact import read_artifact, save_artifact
-from glr.model.heads import expand_head_state
+from glr.model.heads import HEADS, expand_head_state
 from glr.model.net import LITE0_PACKAGE, build_net
+from glr.train.config import TRAIN_DEFAULTS, TrainConfig, choice_message, closest
 from glr.train.datamodule import GLDv2DataModule
 from glr.train.module import LandmarkModule
 from glr.utils import InputError
 
+__all__ = ["TRAIN_DEFAULTS", "TrainConfig", "check_backbone", "check_config", "check_registered", "train"]
+
 log = logging.getLogger(__name__)
 
-#: Every option of :func:`train` with its default: the keys an experiment config or a
-#: stage may set (the CLI builds its ``glr train`` flags from this table).
-TRAIN_DEFAULTS: dict[str, Any] = dict(
-    # model
-    backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, embedding_size=512, gem_p=3.0, drop_rate=0.0,
-    last_stride=False, bnneck=False,
-    # head and loss
-    head="arcface", arcface_s=30.0, arcface_m=0.2, subcenter_k=3, dynamic_margin=False, margin_a=0.45,
-    margin_b=0.05, label_smoothing=0.0, class_weight_power=0.0,
-    # data
-    image_size=96, train_set="clean", min_samples=2, val_fraction=0.0, sampler="shuffle", pk_k=4,
-    continent_probs=None, clean_prob=None, random_erasing=0.0, hflip=False, allow_val_leak=False,
-    batch_size=32, num_workers=2,
-    # optimisation
-    epochs=5, optimizer="adamw", lr=2e-3, backbone_lr_mult=0.5, weight_decay=1e-4, momentum=0.9,
-    warmup_frac=0.1, warmup_epochs=None, accumulate_grad_batches=1, seed=0,
-    # hardware
-    accelerator="auto", devices="auto", num_nodes=1, strategy="auto", precision=None, limit_train_batches=None,
-    log_every_n_steps=10,
-    # staging and provenance
-    init_from=None, experiment=None, stage=None,
-)
+
+def check_backbone(name: str, source: str | os.PathLike | None = None, where: str = "",
+                   key: str = "backbone") -> None:
+    """Raise :class:`InputError` (naming ``source``, ``key`` and the closest timm name) unless
+    ``name`` is a timm model (``timm.is_model``: every ``timm.list_models()`` name, the ``test_*``
+    tiny ones included, with or without a pretrained tag such as ``.a1_in1k``)."""
+    if timm.is_model(name):
+        return
+    guess = closest(name, timm.list_models())
+    hint = f" (did you mean {guess!r}?)" if guess else " (see timm.list_models())"
+    raise InputError(f"{where}{key}: {name!r} is not a timm model{hint}", source)
 
 
-def _net_for_stage(init_from: str | None, opts: dict[str, Any], backbone_given: bool
-                   ) -> tuple[torch.nn.Module, dict | None]:
+def check_registered(options: Mapping[str, Any], source: str | os.PathLike | None = None, where: str = "",
+                     flags: bool = False) -> None:
+    """Check the options whose names live in registries that need torch: ``backbone`` (timm) and
+    ``head`` (:data:`glr.model.heads.HEADS`, read now: a plugin may have registered one), where given.
+
+    Args:
+        options: one layer of options (already coerced by :func:`glr.train.config.check_options`).
+        source, where: as in :func:`glr.train.config.check_options`.
+        flags: name the keys as flags (``--backbone``).
+    """
+    def label(key: str) -> str:
+        return "--" + key if flags else key
+
+    if "backbone" in options:
+        check_backbone(options["backbone"], source, where, label("backbone"))
+    if "head" in options and options["head"] not in HEADS:
+        raise InputError(f"{where}{label('head')}: {choice_message(options['head'], list(HEADS))}", source)
+
+
+def check_config(cfg: TrainConfig, source: str | os.PathLike | None = None, where: str = "") -> None:
+    """The checks of a resolved configuration that the field types cannot make: the backbone
+    is a timm model, the head a registered one and, for a new network (no ``init_from``), the ``pretrained`` weights fit it.
+    Reads no data."""
+    check_registered(cfg.to_dict(), source, where)
+    if cfg.init_from or not cfg.pretrained:
+        return
+    if cfg.pretrained == LITE0_PACKAGE:
+        if cfg.backbone != "efficientnet_lite0":
+            raise InputError(f"{where}pretrained: {LITE0_PACKAGE} holds efficientnet_lite0 weights, not "
+                             f"{cfg.backbone} (give a timm-keyed weights file, or '' / null for random init)", source)
+    elif not Path(cfg.pretrained).is_file():
+        raise InputError(f"{where}pretrained: no such weights file {cfg.pretrained!r}", source)
+
+
+def _net_for_stage(cfg: TrainConfig, backbone_given: bool) -> tuple[torch.nn.Module, dict | None]:
     """The network a stage starts from: the previous artifact's weights (its architecture
     wins; a different ``backbone`` asked for explicitly is an error), or a new one from
-    ``opts``. Also returns the artifact payload (None for a new network)."""
-    if not init_from:
-        return build_net({k: opts[k] for k in ("backbone", "embedding_size", "gem_p", "pretrained", "drop_rate",
-                                                 "last_stride", "bnneck")}), None
-    payload = read_artifact(init_from)
+    ``cfg``. Also returns the artifact payload (None for a new network)."""
+    if not cfg.init_from:
+        return build_net(cfg.group("net")), None
+    payload = read_artifact(cfg.init_from)
     net = build_net(dict(payload["model_args"]))
     net.load_state_dict(payload["state_dict"])
-    if backbone_given and opts["backbone"] != net.model_args["backbone"]:
+    if backbone_given and cfg.backbone != net.model_args["backbone"]:
         raise InputError(f"init_from holds a {net.model_args['backbone']} network, the stage asks for "
-                         f"{opts['backbone']}", init_from)
+                         f"{cfg.backbone}", cfg.init_from)
     return net, payload
 
 
-def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True, **options: Any) -> Path:
+def _copy_head_rows(prev: dict | None, module: LandmarkModule, dm: GLDv2DataModule, init_from: str | None) -> int:
+    """Copy the previous stage's head rows of the classes this stage keeps; returns how many."""
+    if prev is None or prev.get("head_state_dict") is None:
+        return 0
+    copied = 0
+    old_map = {int(k): v for k, v in prev["data_config"].get("label_map", {}).items()}
+    try:  # class centres carry over between ArcFace and CosFace alike; k must match
+        copied = expand_head_state(prev["head_state_dict"], old_map, module.head, dm.label_map)
+    except ValueError as e:
+        log.warning("head rows not copied from %s: %s", init_from, e)
+    log.info("stage starts from %s: %d of %d classes keep their head rows", init_from, copied, dm.num_classes)
+    return copied
+
+
+def _trainer(cfg: TrainConfig, out: Path, cuda: bool, progress: bool) -> pl.Trainer:
+    """The Lightning Trainer of the ``trainer`` options (``epochs`` → ``max_epochs``; precision
+    ``bf16-mixed`` on CUDA, ``32-true`` on CPU unless set; a ``limit_train_batches`` ≥ 1 is a count)."""
+    kw = cfg.group("trainer")
+    kw["max_epochs"] = kw.pop("epochs")
+    kw["precision"] = kw["precision"] or ("bf16-mixed" if cuda else "32-true")
+    if kw["limit_train_batches"] is not None and float(kw["limit_train_batches"]) >= 1:
+        kw["limit_train_batches"] = int(kw["limit_train_batches"])
+    return pl.Trainer(
+        **kw, use_distributed_sampler=False,  # glr's samplers shard themselves (glr.train.samplers)
+        logger=pl.loggers.CSVLogger(str(out), name="logs"), enable_checkpointing=False,
+        callbacks=[pl.callbacks.LearningRateMonitor(logging_interval="step")],
+        enable_progress_bar=progress, enable_model_summary=False, deterministic=False)
+
+
+def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True, config: TrainConfig | None = None,
+          **options: Any) -> Path:
     """Train one stage: an :class:`~glr.model.EmbeddingNet` with a margin head.
 
     Args:
@@ -69,86 +126,48 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
         out: run folder; the artifact is written to ``out/model.pt`` and Lightning's CSV
             logs to ``out/logs``.
         progress: progress bars.
-        **options: any key of :data:`TRAIN_DEFAULTS` (unknown keys raise ``InputError``):
+        config: the stage's options (default: :class:`TrainConfig`'s defaults).
+        **options: options layered on ``config``, any field of :class:`TrainConfig` (model, head
+            and loss, data, optimisation, hardware; see its help texts or ``glr train --help``).
+            ``init_from``: the previous stage's artifact. Only its weights are loaded (the
+            optimiser and schedule start fresh, the stage's own settings hold); head rows of
+            classes the new stage keeps are copied, new classes start fresh. Its architecture
+            wins unless a different ``backbone`` is given (an error).
 
-            * model: ``backbone``, ``pretrained``, ``embedding_size``, ``gem_p``,
-              ``drop_rate``, ``last_stride``, ``bnneck``;
-            * head and loss: ``head`` (arcface | subcenter_arcface | cosface), ``arcface_s``,
-              ``arcface_m``, ``subcenter_k``, ``dynamic_margin``, ``margin_a``, ``margin_b``,
-              ``label_smoothing``, ``class_weight_power``;
-            * data: ``image_size``, ``train_set`` (clean | c2x | full | all), ``sampler``
-              (shuffle | id_uniform | continent), ``pk_k``, ``random_erasing``,
-              ``allow_val_leak``, …;
-            * optimisation: ``epochs``, ``optimizer`` (adamw | sgd), ``lr``, ``warmup_epochs``
-              or ``warmup_frac``, ``accumulate_grad_batches``, …;
-            * hardware: ``accelerator``, ``devices``, ``num_nodes``, ``strategy``,
-              ``precision`` (default ``bf16-mixed`` on CUDA, ``32-true`` on CPU);
-            * ``init_from``: the previous stage's artifact. Only its weights are loaded (the
-              optimiser and schedule start fresh, the stage's own settings hold); head rows
-              of classes the new stage keeps are copied, new classes start fresh.
+    Every option is coerced and checked (:func:`glr.train.config.check_options`,
+    :func:`check_config`) before any data is read: a bad one raises :class:`InputError`.
 
     Returns:
         Path of the saved artifact.
     """
-    import lightning.pytorch as pl
-
-    unknown = set(options) - set(TRAIN_DEFAULTS)
-    if unknown:
-        raise InputError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(TRAIN_DEFAULTS)}")
-    o = dict(TRAIN_DEFAULTS, **options)
-    pl.seed_everything(o["seed"], workers=True)
+    cfg = (config or TrainConfig()).updated(options)
+    check_config(cfg)
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise InputError("init_from: model artifact not found", cfg.init_from)
+    backbone_given = "backbone" in options or (config is not None and config.backbone != TRAIN_DEFAULTS["backbone"])
+    pl.seed_everything(cfg.seed, workers=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dm = GLDv2DataModule(str(root), image_size=o["image_size"], batch_size=o["batch_size"],
-                         num_workers=o["num_workers"], train_set=o["train_set"], min_samples=o["min_samples"],
-                         val_fraction=o["val_fraction"], seed=o["seed"], hflip=o["hflip"], sampler=o["sampler"],
-                         pk_k=o["pk_k"], continent_probs=o["continent_probs"], clean_prob=o["clean_prob"],
-                         random_erasing=o["random_erasing"], allow_val_leak=o["allow_val_leak"])
+    dm = GLDv2DataModule(str(root), **cfg.group("data"))
     dm.setup("fit")
-    net, prev = _net_for_stage(o["init_from"], o, backbone_given="backbone" in options)
+    net, prev = _net_for_stage(cfg, backbone_given)
     net.train()
-    module = LandmarkModule(net, num_classes=dm.num_classes, head=o["head"], arcface_s=o["arcface_s"],
-                            arcface_m=o["arcface_m"], subcenter_k=o["subcenter_k"],
-                            dynamic_margin=o["dynamic_margin"], margin_a=o["margin_a"], margin_b=o["margin_b"],
-                            class_counts=dm.class_counts, class_weight_power=o["class_weight_power"],
-                            label_smoothing=o["label_smoothing"], optimizer=o["optimizer"], lr=o["lr"],
-                            backbone_lr_mult=o["backbone_lr_mult"], weight_decay=o["weight_decay"],
-                            momentum=o["momentum"], warmup_frac=o["warmup_frac"], warmup_epochs=o["warmup_epochs"])
-    copied = 0
-    if prev is not None and prev.get("head_state_dict") is not None:
-        old_map = {int(k): v for k, v in prev["data_config"].get("label_map", {}).items()}
-        try:  # class centres carry over between ArcFace and CosFace alike; k must match
-            copied = expand_head_state(prev["head_state_dict"], old_map, module.head, dm.label_map)
-        except ValueError as e:
-            log.warning("head rows not copied from %s: %s", o["init_from"], e)
-        log.info("stage starts from %s: %d of %d classes keep their head rows", o["init_from"], copied,
-                 dm.num_classes)
-    cuda = torch.cuda.is_available() and o["accelerator"] in ("auto", "gpu", "cuda")
+    module = LandmarkModule(net, num_classes=dm.num_classes, class_counts=dm.class_counts, **cfg.group("module"))
+    copied = _copy_head_rows(prev, module, dm, cfg.init_from)
+    cuda = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if cuda:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts of mixed precision
-    limit = o["limit_train_batches"]
-    if limit is not None and float(limit) >= 1:
-        limit = int(limit)
-    trainer = pl.Trainer(
-        max_epochs=o["epochs"], accelerator=o["accelerator"], devices=o["devices"], num_nodes=o["num_nodes"],
-        strategy=o["strategy"], precision=o["precision"] or ("bf16-mixed" if cuda else "32-true"),
-        accumulate_grad_batches=o["accumulate_grad_batches"],
-        use_distributed_sampler=False,  # glr's samplers shard themselves (glr.samplers)
-        logger=pl.loggers.CSVLogger(str(out), name="logs"), enable_checkpointing=False,
-        callbacks=[pl.callbacks.LearningRateMonitor(logging_interval="step")],
-        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=o["log_every_n_steps"],
-        limit_train_batches=limit, deterministic=False,
-    )
+    trainer = _trainer(cfg, out, cuda, progress)
     t0 = time.time()
     trainer.fit(module, datamodule=dm)
     meta = dict(
-        experiment=o["experiment"] or out.name, stage=o["stage"], exp_id=o["experiment"] or out.name,
-        backbone=net.model_args["backbone"], epochs=o["epochs"], image_size=o["image_size"],
-        train_set=o["train_set"], val_leak=dm.training.val_leak, num_classes=dm.num_classes,
-        n_train=len(dm.train_ids), head_rows_copied=copied, init_from=o["init_from"],
+        experiment=cfg.experiment or out.name, stage=cfg.stage, exp_id=cfg.experiment or out.name,
+        backbone=net.model_args["backbone"], epochs=cfg.epochs, image_size=cfg.image_size,
+        train_set=cfg.train_set, val_leak=dm.training.val_leak, num_classes=dm.num_classes,
+        n_train=len(dm.train_ids), head_rows_copied=copied, init_from=cfg.init_from,
         train_seconds=round(time.time() - t0, 1),
         final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))),
-        options={k: v for k, v in o.items() if k != "init_from"},
+        options={k: v for k, v in cfg.to_dict().items() if k != "init_from"},
         # bit-identical reruns need the same seed, workers, threads and CPU kind (tests/test_determinism.py)
         torch_threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )

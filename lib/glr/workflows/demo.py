@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,11 +16,10 @@ from glr.data.synth import make_synthetic_gldv2
 from glr.eval.sweep import DEFAULT_GRID, sweep_table
 from glr.kaggle.kernel.build import build_kernel
 from glr.kaggle.kernel.local import format_result, run_local
-from glr.model.net import LITE0_PACKAGE
 from glr.report import cv_table, draw_retrievals, stages_table, write_report
-from glr.utils import atomic_write
+from glr.utils import InputError, atomic_write
 from glr.workflows.cv import cv
-from glr.workflows.experiment import parse_experiment, run_experiment
+from glr.workflows.experiment import Experiment, parse_experiment, plan_experiment, run_experiment
 
 log = logging.getLogger(__name__)
 
@@ -27,35 +27,34 @@ log = logging.getLogger(__name__)
 #: and training set (the seed's clean → c2x pattern at CPU size). Only efficientnet_lite0
 #: has ImageNet weights offline; resnet18 learns from scratch and shows the re-ID
 #: switches (last stride 1, BNNeck) and the 1st place head (sub-center ArcFace, dynamic margins).
-DEMO_EXPERIMENTS: list[dict[str, Any]] = [
-    dict(experiment="demo_lite0", backbone="efficientnet_lite0", pretrained=LITE0_PACKAGE, batch_size=32,
-         lr=2e-3, backbone_lr_mult=0.5, arcface_s=30.0, arcface_m=0.2,
-         stages=[dict(stage="s1", train_set="clean", image_size=96, epochs=6),
-                 dict(stage="s2", train_set="c2x", image_size=128, epochs=2, lr=5e-4, warmup_frac=0.0)]),
-    dict(experiment="demo_r18", backbone="resnet18", pretrained=None, last_stride=True, bnneck=True,
-         head="subcenter_arcface", subcenter_k=3, dynamic_margin=True, margin_a=0.3, margin_b=0.1,
-         batch_size=32, lr=3e-3, backbone_lr_mult=1.0,
-         stages=[dict(stage="s1", train_set="clean", image_size=80, epochs=10),
-                 dict(stage="s2", train_set="c2x", image_size=96, epochs=4, lr=1e-3, warmup_frac=0.0)]),
-]
-
-
+#: Names of the experiment configs shipped in ``glr/resources/demo/`` (:func:`demo_config`).
+DEMO_EXPERIMENTS: tuple[str, ...] = ("demo_lite0", "demo_r18")
 #: ``quick`` (tests): tiny timm models, one epoch per stage.
-QUICK_EXPERIMENTS: list[dict[str, Any]] = [
-    dict(experiment="quick_resnet", backbone="test_resnet", pretrained=None, batch_size=16, lr=2e-3,
-         stages=[dict(stage="s1", train_set="clean", image_size=32, epochs=1),
-                 dict(stage="s2", train_set="c2x", image_size=40, epochs=1, lr=5e-4)]),
-    dict(experiment="quick_effnet", backbone="test_efficientnet", pretrained=None, batch_size=16, lr=2e-3,
-         head="subcenter_arcface", dynamic_margin=True,
-         stages=[dict(stage="s1", train_set="clean", image_size=32, epochs=1),
-                 dict(stage="s2", train_set="c2x", image_size=40, epochs=1, lr=5e-4)]),
-]
+QUICK_EXPERIMENTS: tuple[str, ...] = ("quick_resnet", "quick_effnet")
+
+
+def demo_config(name: str) -> Path:
+    """The YAML config of a demo experiment, shipped as package data: ``glr/resources/demo/NAME.yaml``
+    (run one alone with ``glr experiment PATH --data ROOT``)."""
+    path = Path(str(resources.files("glr").joinpath("resources", "demo", f"{name}.yaml")))
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        shipped = ", ".join(known) if known else "none: glr was installed without its package data"
+        raise InputError(f"no demo experiment config {name!r} (shipped: {shipped})", path)
+    return path
+
+
+def _experiment(cfg: dict[str, Any] | str | os.PathLike) -> Experiment:
+    """A demo experiment: a mapping, a YAML file, or the name of a shipped config."""
+    if isinstance(cfg, str) and not cfg.endswith((".yaml", ".yml")):
+        cfg = demo_config(cfg)
+    return parse_experiment(dict(cfg) if isinstance(cfg, dict) else cfg)
 
 
 def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submission",
          work: str | os.PathLike = "runs/demo", quick: bool = False, train_args: dict | None = None,
          baselines: bool = True, num_workers: int = 2, progress: bool = True,
-         synth_args: dict | None = None, experiments: Sequence[dict[str, Any]] | None = None,
+         synth_args: dict | None = None, experiments: Sequence[dict[str, Any] | str | os.PathLike] | None = None,
          weights: str | os.PathLike | None = None, sweep: dict[str, Any] | None | bool = True,
          kernel: str | os.PathLike | None = "kernels/demo") -> dict[str, Any]:
     """synth (unless ``data``) → two staged experiments → ensemble CV with the post-processing
@@ -72,7 +71,9 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         work: data, runs and (unless ``weights``) the weights folder.
         quick: tiny data and models (seconds; tests).
         train_args: options applied to every stage (e.g. ``{"epochs": 1}``).
-        experiments: experiment configs (default :data:`DEMO_EXPERIMENTS`).
+        experiments: experiment configs: mappings, YAML files or names of shipped configs (default
+            :data:`DEMO_EXPERIMENTS`, or :data:`QUICK_EXPERIMENTS` with ``quick``). Every stage's
+            options are checked before any data is written or read.
         weights: weights folder (default ``work/weights``).
         sweep: the post-processing grid swept on the ensemble's CV (True: :data:`glr.sweep.DEFAULT_GRID`;
             None/False: plain kNN); the chosen chain writes the submission and ``postprocess.yaml``.
@@ -85,25 +86,16 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
     """
 
     work, out = Path(work), Path(out)
+    exps = [_experiment(c) for c in (experiments or (QUICK_EXPERIMENTS if quick else DEMO_EXPERIMENTS))]
+    weights = Path(weights) if weights else work / "weights"
+    overrides = dict(num_workers=num_workers, **(train_args or {}))
+    plans = [plan_experiment(exp, overrides, weights) for exp in exps]  # every stage checked up front
     if data is None:
         data = work / "data"
         if not (Path(data) / "train.csv").exists():
             synth_kw = dict(n_landmarks=24, scale=0.15, image_size=48) if quick else {}
             make_synthetic_gldv2(data, **dict(synth_kw, seed=0, progress=progress, **(synth_args or {})))
-    exps = list(experiments or (QUICK_EXPERIMENTS if quick else DEMO_EXPERIMENTS))
-    weights = Path(weights) if weights else work / "weights"
-    overrides = dict(num_workers=num_workers, **(train_args or {}))
-    rows: list[dict[str, Any]] = []
-    finals: list[str] = []
-    for cfg in exps:
-        exp = parse_experiment(dict(cfg))
-        # the demo retrains from scratch each time (force): its runs are throwaway
-        res = run_experiment(dict(cfg), data, runs=work / "runs", weights=weights, overrides=overrides,
-                             force=True, progress=progress)
-        for (stage, opts), r in zip(exp.stages, res):
-            rows.append(dict(name=f"{exp.name} {stage} ({opts['backbone']})", train_set=opts["train_set"],
-                             image_size=opts["image_size"], cv=r["cv"]))
-        finals.append(res[-1]["artifact"])
+    rows, finals = _train(exps, plans, data, work, weights, overrides, progress)
     figures: dict[str, Any] = {}
     if baselines:
         for kind in ("thumbnail", "imagenet"):
@@ -129,6 +121,32 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
     chosen = [k for k, v in (result.get("postprocess") or {}).items() if k not in ("k", "shortlist") and v]
     rows.append(dict(name=f"ensemble ({len(finals)} models)" + (" + post-processing" if chosen else ""),
                      cv=result))
+    _print_tables(rows, result)
+    if kernel is not None:
+        result["kernel"] = demo_kernel(data, out, kernel, weights, num_workers, progress)
+        with atomic_write(out / "cv.json") as f:
+            json.dump(result, f, indent=2, default=str)
+    return result
+
+
+def _train(exps: Sequence[Experiment], plans: Sequence[list], data: str | os.PathLike, work: Path, weights: Path,
+           overrides: dict[str, Any], progress: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    """Train every experiment (from scratch: the demo's runs are throwaway); returns a table row
+    per stage and the final artifact of each experiment."""
+    rows: list[dict[str, Any]] = []
+    finals: list[str] = []
+    for exp, plan in zip(exps, plans):
+        res = run_experiment(exp, data, runs=work / "runs", weights=weights, overrides=overrides,
+                             force=True, progress=progress)
+        for (stage, _, cfg), r in zip(plan, res):
+            rows.append(dict(name=f"{exp.name} {stage} ({cfg.backbone})", train_set=cfg.train_set,
+                             image_size=cfg.image_size, cv=r["cv"]))
+        finals.append(res[-1]["artifact"])
+    return rows, finals
+
+
+def _print_tables(rows: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """Every stage and the ensemble, the ensemble's CV, and its post-processing sweep."""
     print()
     print(stages_table(rows))
     print()
@@ -137,11 +155,6 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
         print()
         print("post-processing of the ensemble (tuned on Public, chosen chain in postprocess.yaml):")
         print(sweep_table({"protocol": result.get("protocol", "v2.1"), "pipeline": result["sweep"]["pipeline"]}))
-    if kernel is not None:
-        result["kernel"] = demo_kernel(data, out, kernel, weights, num_workers, progress)
-        with atomic_write(out / "cv.json") as f:
-            json.dump(result, f, indent=2, default=str)
-    return result
 
 
 def demo_kernel(data: str | os.PathLike, out: Path, kernel: str | os.PathLike, weights: Path,
