@@ -76,3 +76,40 @@ def test_every_subcommand_help_ends_with_an_example(capsys):
     for name, sub in subs.choices.items():
         assert "example" in sub.format_help(), name
     assert "from the demo to a submission" in parser.format_help()
+
+
+HEAVY = ("torch", "torchvision", "timm", "lightning", "pytorch_lightning", "faiss", "kaggle", "matplotlib")
+
+
+def _heavy_modules_after(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; the heavy modules it left in sys.modules."""
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport sys\nprint('HEAVY', *sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r}))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1].split()[1:]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["score", "--help"], ["submit", "--help"], ["submit", "file", "--help"],
+                                  ["train", "--help"], ["cv", "--help"], ["kernel", "build", "--help"]])
+def test_help_imports_nothing_heavy(argv):
+    """Building the whole parser and printing any --help imports no torch, timm, Lightning, faiss,
+    kaggle client or matplotlib (each command imports what it runs, when it runs)."""
+    code = ("import contextlib, io\nfrom glr.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n"
+            f"        main({argv!r})\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "assert 'usage: glr' in out.getvalue()")
+    assert _heavy_modules_after(code) == []
+
+
+def test_score_runs_without_torch(tmp_path):
+    sol = _write(tmp_path / "sol.csv", ["id,images,Usage", "q1,a b,Public", "q2,c,Private"])
+    sub = _write(tmp_path / "sub.csv", ["id,images", "q1,b a", "q2,x c"])
+    code = (f"from glr.cli import main\nassert main(['score', '--task', 'retrieval', '--solution', {str(sol)!r}, "
+            f"'--submission', {str(sub)!r}, '--json']) == 0")
+    assert _heavy_modules_after(code) == []

@@ -6,6 +6,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
+from IPython.core.inputtransformer2 import TransformerManager
 
 from glr.data.images import IMAGENET_MEAN, IMAGENET_STD
 from glr.model.net import build_net
@@ -22,7 +23,7 @@ def test_stored_without_outputs_and_without_library_code(name):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
     for c in code:
-        tree = ast.parse(c.source)
+        tree = ast.parse(TransformerManager().transform_cell(c.source))  # IPython magics as Python
         defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))]
         assert not defs, f"{name} defines {[d.name for d in defs]}: library code belongs in glr"
     assert any("import glr" in c.source or "from glr" in c.source for c in code)

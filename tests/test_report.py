@@ -9,6 +9,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 
 from glr import metrics, report
@@ -48,9 +49,17 @@ def bare_root(run):
     return GLDv2Root.open(dst)
 
 
-def rgb(path):
-    with Image.open(path) as im:
+def rgb(picture):
+    """The pixels of a returned PIL picture or of a picture file."""
+    if isinstance(picture, Image.Image):
+        return np.asarray(picture.convert("RGB"))
+    with Image.open(picture) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def saved(fig, path):
+    """A draw_* function returned its Figure and wrote it to ``path``."""
+    return isinstance(fig, Figure) and path.is_file()
 
 
 def frame_colour(a, row, col, thumb):
@@ -148,6 +157,7 @@ def test_worst_grid_rows_frames_and_size(run, tmp_path):
     path = report.draw_retrieval_grid(root, run["cv"], tmp_path / "worst.png", n_queries=n, top=top,
                                       which="worst", thumb=thumb, scores=scores)
     a = rgb(path)
+    assert np.array_equal(a, rgb(tmp_path / "worst.png"))  # the picture returned is the one written
     assert a.shape == (n * (thumb + PAD) + PAD, (top + 1) * (thumb + PAD) + PAD, 3)
     worst = report.worst_queries(scores, n)
     assert worst[0]["ap"] == min(r["ap"] for r in scores if r["in_domain"])
@@ -200,14 +210,15 @@ def test_grid_of_out_of_domain_queries_is_grey(run, tmp_path):
 # --------------------------------------------------------------------------- score pictures
 def test_score_distributions_and_stage_scores_draw(run, tmp_path):
     p = report.draw_score_distributions(run["root"], run["cv"], tmp_path / "dist.png")
-    with Image.open(p) as im:
+    assert isinstance(p, Figure)
+    with Image.open(tmp_path / "dist.png") as im:
         assert im.format == "PNG" and im.size[0] > 300
     swept = json.loads((run["cv_sweep"] / "cv.json").read_text())
     rows = report.stage_scores(swept)
     assert [r["group"] for r in rows] == ["final", "sweep", "sweep"]
     assert rows[0]["public"] == swept["public"]["map@100"] and rows[0]["private"] == swept["private"]["map@100"]
     assert [r["public"] for r in rows[1:]] == [s["scores"]["public"]["map@100"] for s in swept["sweep"]["pipeline"]]
-    assert report.draw_stage_scores(swept, tmp_path / "stages.png").is_file()
+    assert saved(report.draw_stage_scores(swept, tmp_path / "stages.png"), tmp_path / "stages.png")
 
 
 def test_stage_scores_of_a_demo_cv_json(tmp_path):
@@ -225,8 +236,9 @@ def test_stage_scores_of_a_demo_cv_json(tmp_path):
     assert "ensemble (2 models)" in rows[2]["name"]
     assert (rows[3]["public"], rows[3]["private"]) == (0.1, None)
     assert rows[5]["kept"] is False and rows[5]["private"] == 0.3 and "k-reciprocal" in rows[5]["name"]
-    assert report.draw_stage_scores(demo, tmp_path / "demo.png").is_file()
-    assert report.draw_stage_scores({"public": None, "private": None}, tmp_path / "none.png").is_file()
+    assert saved(report.draw_stage_scores(demo, tmp_path / "demo.png"), tmp_path / "demo.png")
+    assert saved(report.draw_stage_scores({"public": None, "private": None}, tmp_path / "none.png"),
+                 tmp_path / "none.png")
 
 
 # --------------------------------------------------------------------------- the data
@@ -237,16 +249,16 @@ def test_long_tail_counts_are_train_csv(run, tmp_path):
     assert dict(counts) == counter and len(counts) == len(counter)
     assert [n for _, n in counts] == sorted(counter.values(), reverse=True)
     assert counts[0][1] > counts[-1][1]
-    assert report.draw_class_long_tail(run["root"], tmp_path / "tail.png").is_file()
+    assert saved(report.draw_class_long_tail(run["root"], tmp_path / "tail.png"), tmp_path / "tail.png")
 
 
 def test_images_per_continent(run, bare_root, tmp_path):
     counts = report.images_per_continent(run["root"])
     assert sum(counts.values()) == len(run["root"].train_ids_labels())
     assert len(counts) > 1 and list(counts.values()) == sorted(counts.values(), reverse=True)
-    assert report.draw_images_per_continent(run["root"], tmp_path / "c.png").is_file()
+    assert saved(report.draw_images_per_continent(run["root"], tmp_path / "c.png"), tmp_path / "c.png")
     assert report.images_per_continent(bare_root) is None  # no country file: a note, not an error
-    assert report.draw_images_per_continent(bare_root, tmp_path / "none.png").is_file()
+    assert saved(report.draw_images_per_continent(bare_root, tmp_path / "none.png"), tmp_path / "none.png")
 
 
 def test_landmark_samples_grid(run, tmp_path):
@@ -321,3 +333,58 @@ def test_bad_input_is_named(run, tmp_path):
     with pytest.raises(InputError, match="train.csv"):
         report.write_report(run["cv"], tmp_path / "empty", tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "report.html").exists()
+
+
+# --------------------------------------------------------------------------- figures returned, backend untouched
+_FIGS = {"public": {"map@100": 0.5}, "private": {"map@100": 0.25}}
+SWEEP_RESULT = {"protocol": "v2.1", "tune": "public",
+                "pipeline": [{"stage": "baseline", "scores": _FIGS, "kept": True},
+                             {"stage": "expansion", "scores": _FIGS, "kept": False}],
+                "rows": [{"stage": "baseline", "scores": _FIGS}, {"stage": "expansion", "scores": _FIGS},
+                         {"stage": "expansion", "scores": {"public": {"map@100": 0.4}}}]}
+ABLATION = {"tables": {"2": [{"name": "baseline", "public": 0.3, "private": 0.2},
+                             {"name": "+ BNNeck", "public": 0.35, "private": 0.25}]}}
+
+
+def test_figures_leave_the_notebook_backend_alone(tmp_path):
+    """In a process whose backend is a notebook's, drawing neither switches the backend nor
+    touches pyplot's global state: each function returns a Figure (PNG-renderable)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("matplotlib_inline")
+    code = textwrap.dedent(f"""
+        import io, sys
+        import matplotlib
+        matplotlib.use("module://matplotlib_inline.backend_inline")
+        from matplotlib.figure import Figure
+        from glr import report
+        sweep, ablation = {SWEEP_RESULT!r}, {ABLATION!r}
+        figs = [report.draw_stage_scores({{"public": {_FIGS!r}["public"], "private": None}}),
+                report.draw_sweep(sweep), report.draw_ablation(ablation),
+                report.draw_sweep(sweep, {str(tmp_path / "sweep.png")!r})]
+        assert all(isinstance(f, Figure) for f in figs), figs
+        for f in figs:
+            f.savefig(io.BytesIO(), format="png")
+        print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["module://matplotlib_inline.backend_inline", "False"]
+    with Image.open(tmp_path / "sweep.png") as im:
+        assert im.format == "PNG"
+
+
+def test_pictures_without_a_path_are_returned_only(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fig = report.draw_class_long_tail(run["root"])
+    assert isinstance(fig, Figure) and fig.axes[0].get_yscale() == "log"
+    assert isinstance(report.draw_images_per_continent(run["root"]), Figure)
+    assert isinstance(report.draw_score_distributions(run["root"], run["cv"], scores=run["scores"]), Figure)
+    grid = report.draw_retrieval_grid(run["root"], run["cv"], n_queries=2, top=3, thumb=32)
+    assert isinstance(grid, Image.Image) and grid.size == (4 * 36 + PAD, 2 * 36 + PAD)
+    sheet = report.draw_landmark_samples(run["root"], n_landmarks=2, per_landmark=2, thumb=32)
+    assert np.array_equal(rgb(sheet), rgb(report.draw_landmark_samples(run["root"], tmp_path / "s.png",
+                                                                       n_landmarks=2, per_landmark=2, thumb=32)))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.png"]  # nothing written without a path

@@ -13,6 +13,13 @@ from glr.utils import InputError
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """``weights``, ``kernel`` and ``submit``."""
+    _add_weights(sub)
+    _add_kernel(sub)
+    add_submit_parser(sub)  # glr submit: datasets, kernels and submissions through the kaggle client
+    sub.choices["submit"].set_defaults(func=run_submit)
+
+
+def _add_weights(sub: argparse._SubParsersAction) -> None:
     w = sub.add_parser("weights", help="weights: pack artifacts into a Kaggle dataset folder")
     wsub = w.add_subparsers(dest="weights_cmd", required=True)
     wp = wsub.add_parser("pack", help="copy artifacts + manifest.json + dataset-metadata.json into OUT")
@@ -24,6 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     wp.add_argument("--title", help="dataset title (6-50 characters)")
     wp.add_argument("--overwrite", action="store_true")
     w.set_defaults(func=run_weights)
+
+
+def _add_kernel(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("kernel", help="the offline Kaggle kernel: build, collect wheels, run locally")
     ksub = k.add_subparsers(dest="kernel_cmd", required=True)
     kb = ksub.add_parser(
@@ -88,8 +98,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                     help="hide these modules from site-packages (e.g. faiss: Kaggle's image lacks it)")
     kr.add_argument("--json", action="store_true", help="print the result as JSON")
     k.set_defaults(func=run_kernel)
-    add_submit_parser(sub)  # glr submit: datasets, kernels and submissions through the kaggle client
-    sub.choices["submit"].set_defaults(func=run_submit)
 
 
 def run_weights(args: argparse.Namespace) -> int:

@@ -23,8 +23,6 @@ KAGGLE_API_TOKEN or ~/.kaggle/access_token; KAGGLE_USERNAME + KAGGLE_KEY or a le
 'kaggle auth login'. glr never reads, prints or stores them."""
 
 
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -132,45 +130,7 @@ def run_submit(args: argparse.Namespace) -> int:
         return 0
 
     if cmd == "kernel":
-        if args.kernel_cmd == "push":
-            r = push_kernel(args.kernel)
-            version = f" version {r['version']}" if r["version"] is not None else ""
-            print(f"pushed kernel {r['ref']}{version}")
-            if r["url"]:
-                print(r["url"])
-            for key, values in r["invalid_sources"].items():
-                print(f"warning: Kaggle did not accept {key}: {', '.join(values)}", file=sys.stderr)
-            return 1 if r["invalid_sources"] else 0
-        if args.kernel_cmd == "status":
-            if args.wait:
-                def show(st: dict[str, Any]) -> None:
-                    print(f"{st['kernel']}: {st['status']}", flush=True)
-
-                r = wait_kernel(args.kernel, poll=args.poll, timeout=args.timeout, on_change=show)
-                if r["timed_out"]:
-                    print(f"glr submit: kernel {r['kernel']} still {r['status']} after {r['elapsed']:.0f} s "
-                          "(--timeout)", file=sys.stderr)
-                    return 1
-            else:
-                r = kernel_status(args.kernel)
-                print(f"{r['kernel']}: {r['status']}")
-            if r["status"] in FAILED_STATES:
-                reason = f": {r['failure_message']}" if r["failure_message"] else ""
-                print(f"glr submit: kernel {r['kernel']} {r['status']}{reason}", file=sys.stderr)
-                return 1
-            return 0
-        if args.kernel_cmd == "output":
-            r = fetch_output(args.kernel, args.out, task=args.task)
-            for path in r["files"]:
-                print(path)
-            if r["submission"] is None:
-                print(f"warning: no {SUBMISSION_FILE} in the output of {r['kernel']}", file=sys.stderr)
-                return 1
-            if r["error"]:
-                raise InputError(r["error"])
-            print(f"{r['submission']}: valid {args.task} submission, {r['rows']} rows")
-            return 0
-
+        return _run_kernel(args)
     if cmd == "file":
         r = submit_file(args.competition, args.file, args.task, args.message)
         print(f"submitted {r['file']} ({r['rows']} rows) to {r['competition']}: {r['message'] or 'ok'}")
@@ -186,6 +146,49 @@ def run_submit(args: argparse.Namespace) -> int:
         print(format_submissions(rows) if rows else f"no submissions to {args.competition}")
         return 0
     raise InputError(f"unknown submit command {cmd!r}")
+
+
+def _run_kernel(args: argparse.Namespace) -> int:
+    """``glr submit kernel push | status | output``."""
+    if args.kernel_cmd == "push":
+        r = push_kernel(args.kernel)
+        version = f" version {r['version']}" if r["version"] is not None else ""
+        print(f"pushed kernel {r['ref']}{version}")
+        if r["url"]:
+            print(r["url"])
+        for key, values in r["invalid_sources"].items():
+            print(f"warning: Kaggle did not accept {key}: {', '.join(values)}", file=sys.stderr)
+        return 1 if r["invalid_sources"] else 0
+    if args.kernel_cmd == "status":
+        if args.wait:
+            def show(st: dict[str, Any]) -> None:
+                print(f"{st['kernel']}: {st['status']}", flush=True)
+
+            r = wait_kernel(args.kernel, poll=args.poll, timeout=args.timeout, on_change=show)
+            if r["timed_out"]:
+                print(f"glr submit: kernel {r['kernel']} still {r['status']} after {r['elapsed']:.0f} s "
+                      "(--timeout)", file=sys.stderr)
+                return 1
+        else:
+            r = kernel_status(args.kernel)
+            print(f"{r['kernel']}: {r['status']}")
+        if r["status"] in FAILED_STATES:
+            reason = f": {r['failure_message']}" if r["failure_message"] else ""
+            print(f"glr submit: kernel {r['kernel']} {r['status']}{reason}", file=sys.stderr)
+            return 1
+        return 0
+    if args.kernel_cmd == "output":
+        r = fetch_output(args.kernel, args.out, task=args.task)
+        for path in r["files"]:
+            print(path)
+        if r["submission"] is None:
+            print(f"warning: no {SUBMISSION_FILE} in the output of {r['kernel']}", file=sys.stderr)
+            return 1
+        if r["error"]:
+            raise InputError(r["error"])
+        print(f"{r['submission']}: valid {args.task} submission, {r['rows']} rows")
+        return 0
+    raise InputError(f"unknown submit kernel command {args.kernel_cmd!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

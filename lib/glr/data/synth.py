@@ -44,7 +44,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -270,180 +270,240 @@ def _extras_front(b: _Builder, rng, st: Country, gy: float, x0: float, x1: float
                _jit(rng, (90, 90, 80)), frame=False)
 
 
-def _building(b: _Builder, rng, kind: str, st: Country, gy: float, mat: Color, acc: Color,
-              roof: Color) -> tuple[float, float]:
-    """Draw one building of ``kind`` standing on ``gy``; returns its x extent."""
-    win, trim = st.window, _shade(mat, 0.8)
-    cx = rng.uniform(0.4, 0.6)
-    rpref = lambda: _pick(rng, st.roofs)  # noqa: E731
-    if kind == "cathedral":
-        w, h = rng.uniform(0.32, 0.55), rng.uniform(0.22, 0.38)
-        x0, x1 = cx - w / 2, cx + w / 2
-        b.rect(x0, gy - h, x1, gy, mat, trim)
-        b.roof(rng, rng.choice(["gable", rpref()]), x0, x1, gy - h, roof, trim)
-        b.windows(rng, x0 + 0.03, x1 - 0.03, gy - h + 0.03, gy - 0.1, rng.integers(1, 3), rng.integers(3, 7), win, True)
-        b.arch(cx - w * 0.09, cx + w * 0.09, gy, h * 0.45, _shade(win, 0.7))
-        if rng.random() < 0.6:
-            b.ellipse(cx, gy - h * 0.7, w * 0.08, w * 0.08, acc)
-        ntow = rng.choice([0, 1, 2, 2])
-        tw, th = w * rng.uniform(0.18, 0.3), h + rng.uniform(0.1, 0.3)
-        rk = rpref()
-        sides = [x0 - tw * 0.5, x1 - tw * 0.5]
-        if ntow == 1:
-            sides = [rng.choice([x0 - tw * 0.5, cx - tw / 2, x1 - tw * 0.5])]
-        for tx in sides[:ntow]:
-            b.rect(tx, gy - th, tx + tw, gy, _shade(mat, 0.95), trim)
-            b.windows(rng, tx, tx + tw, gy - th + 0.02, gy - h * 0.6, rng.integers(2, 5), 1, win, True)
-            b.roof(rng, rk, tx, tx + tw, gy - th, roof, trim)
-        return x0 - 0.1, x1 + 0.1
-    if kind == "palace":
-        w, h = rng.uniform(0.6, 0.9), rng.uniform(0.13, 0.24)
-        x0, x1 = cx - w / 2, cx + w / 2
-        b.rect(x0, gy - h, x1, gy, mat, trim)
-        b.windows(rng, x0 + 0.01, x1 - 0.01, gy - h + 0.02, gy - 0.01, rng.integers(2, 5), rng.integers(7, 15), win,
-                  rng.random() < 0.4)
-        b.roof(rng, "flat", x0, x1, gy - h, roof, trim)
-        pw, ph = w * rng.uniform(0.15, 0.3), h * rng.uniform(1.15, 1.6)
-        b.rect(cx - pw / 2, gy - ph, cx + pw / 2, gy, _shade(mat, 1.06), trim)
-        b.windows(rng, cx - pw / 2, cx + pw / 2, gy - ph + 0.02, gy - 0.02, rng.integers(2, 4), rng.integers(2, 4),
-                  win, True)
-        b.roof(rng, rpref(), cx - pw / 2, cx + pw / 2, gy - ph, roof, trim)
-        if rng.random() < 0.5:
-            for sx in (x0, x1 - pw * 0.6):
-                b.rect(sx, gy - h * 1.2, sx + pw * 0.6, gy, _shade(mat, 0.95), trim)
-                b.roof(rng, "gable", sx, sx + pw * 0.6, gy - h * 1.2, roof, trim)
-        return x0, x1
-    if kind == "temple":
-        w, h = rng.uniform(0.4, 0.7), rng.uniform(0.16, 0.28)
-        x0, x1 = cx - w / 2, cx + w / 2
-        if rng.random() < 0.35:  # dome behind (capitol)
-            b.rect(cx - w * 0.15, gy - h * 1.6, cx + w * 0.15, gy - h, _shade(mat, 0.9), trim)
-            b.roof(rng, "dome", cx - w * 0.15, cx + w * 0.15, gy - h * 1.6, roof, trim)
-        for i in range(3):  # steps
-            b.rect(x0 - 0.03 + i * 0.01, gy - 0.012 * (i + 1), x1 + 0.03 - i * 0.01, gy - 0.012 * i,
-                   _shade(mat, 0.9 + 0.04 * i))
-        top = gy - h
-        b.rect(x0, top + 0.03, x1, gy - 0.036, _shade(mat, 0.55))  # dark cella behind columns
-        n = rng.integers(4, 11)
-        cw = w / (2 * n - 1)
-        for i in range(n):
-            b.rect(x0 + 2 * i * cw, top + 0.03, x0 + (2 * i + 1) * cw, gy - 0.036, mat, trim)
-        b.rect(x0 - 0.01, top, x1 + 0.01, top + 0.03, acc if rng.random() < 0.5 else mat, trim)
-        b.roof(rng, "gable" if rng.random() < 0.8 else rpref(), x0 - 0.01, x1 + 0.01, top, roof, trim)
-        return x0 - 0.03, x1 + 0.03
-    if kind == "tower":
-        w, h = rng.uniform(0.08, 0.16), rng.uniform(0.45, 0.68)
-        stages = rng.integers(2, 5)
-        y, x0, x1 = gy, cx - w / 2, cx + w / 2
-        for s in range(stages):
-            sh = h / stages
-            b.rect(x0, y - sh, x1, y, _shade(mat, 1 - 0.05 * s), trim)
-            b.windows(rng, x0, x1, y - sh + 0.01, y - 0.01, 1 + (sh > 0.15), rng.integers(1, 3), win,
-                      rng.random() < 0.5)
-            b.rect(x0 - 0.01, y - sh - 0.008, x1 + 0.01, y - sh + 0.004, acc)
-            y -= sh
-            shrink = w * rng.uniform(0.0, 0.12)
-            x0, x1 = x0 + shrink, x1 - shrink
-        b.roof(rng, rpref(), x0, x1, y, roof, trim)
-        if rng.random() < 0.6:
-            bw = rng.uniform(0.25, 0.45)
-            bx = cx + rng.choice([-1, 1]) * (w / 2 + bw / 2)
-            b.rect(bx - bw / 2, gy - h * 0.22, bx + bw / 2, gy, _shade(mat, 0.9), trim)
-            b.windows(rng, bx - bw / 2, bx + bw / 2, gy - h * 0.2, gy - 0.01, 2, rng.integers(3, 7), win)
-            b.roof(rng, "gable", bx - bw / 2, bx + bw / 2, gy - h * 0.22, roof, trim)
-        return cx - 0.25, cx + 0.25
-    if kind == "gate":
-        w, h = rng.uniform(0.3, 0.55), rng.uniform(0.28, 0.45)
-        x0, x1 = cx - w / 2, cx + w / 2
-        if st.name == "Japan" and rng.random() < 0.7:  # torii
-            pw = w * 0.07
-            for px in (x0 + 0.1 * w, x1 - 0.1 * w - pw):
-                b.rect(px, gy - h, px + pw, gy, mat)
-            b.poly([(x0 - 0.05, gy - h - 0.02), (x1 + 0.05, gy - h - 0.02), (x1 + 0.03, gy - h + 0.02),
-                    (x0 - 0.03, gy - h + 0.02)], st.roof)
-            b.rect(x0, gy - h * 0.8, x1, gy - h * 0.8 + 0.02, mat)
-            return x0 - 0.05, x1 + 0.05
-        b.rect(x0, gy - h, x1, gy, mat, trim)
-        n = rng.choice([1, 3])
-        ow = w * (0.35 if n == 1 else 0.2)
-        for i in range(n):
-            ocx = cx + (i - (n - 1) / 2) * w * 0.3
-            hh = h * (0.65 if i == (n - 1) / 2 else 0.45)
-            b.arch(ocx - ow / 2, ocx + ow / 2, gy, hh, _jit(rng, st.sky[1], 8))
-        b.rect(x0, gy - h, x1, gy - h + 0.035, acc)
-        if rng.random() < 0.6:
-            b.roof(rng, rpref(), x0 + 0.03, x1 - 0.03, gy - h, roof, trim)
-        return x0, x1
-    if kind == "bridge":
-        water = _jit(rng, (60, 110, 150), 15)
-        b.rect(-2.0, gy - 0.02, 3.0, gy + 0.3, water, frame=False)
-        dy = gy - rng.uniform(0.12, 0.22)
-        b.rect(-0.3, dy - 0.035, 1.3, dy, mat, trim)
-        n = rng.integers(3, 7)
-        span = 1.6 / n
-        for i in range(n + 1):
-            px = -0.3 + i * span
-            b.rect(px - 0.02, dy, px + 0.02, gy + 0.02, _shade(mat, 0.9))
-        if rng.random() < 0.6:  # suspension/tower bridge
-            for px in (-0.3 + span * (n // 3 or 1), -0.3 + span * (n - (n // 3 or 1))):
-                th = rng.uniform(0.25, 0.4)
-                b.rect(px - 0.03, dy - th, px + 0.03, dy, acc)
-                b.roof(rng, rpref(), px - 0.035, px + 0.035, dy - th, roof, trim)
-        return 0.0, 1.0
-    if kind == "pagoda":
-        tiers = rng.integers(3, 8)
-        w = rng.uniform(0.18, 0.3)
-        y = gy
-        th = rng.uniform(0.06, 0.1)
-        for t in range(tiers):
-            ww = w * (1 - 0.08 * t)
-            b.rect(cx - ww / 2, y - th, cx + ww / 2, y, mat, trim)
-            b.rect(cx - ww / 4, y - th * 0.8, cx + ww / 4, y - th * 0.2, st.accent)
-            b.roof(rng, "pagoda", cx - ww / 2, cx + ww / 2, y - th, roof, trim)
-            y -= th + ww * 0.12
-        b.rect(cx - 0.006, y - 0.12, cx + 0.006, y, trim)
-        return cx - w, cx + w
-    if kind == "mosque":
-        w, h = rng.uniform(0.3, 0.5), rng.uniform(0.16, 0.26)
-        x0, x1 = cx - w / 2, cx + w / 2
-        b.rect(x0, gy - h, x1, gy, mat, trim)
-        dw = w * rng.uniform(0.18, 0.3)
-        b.roof(rng, rng.choice(["dome", "onion"]), cx - dw, cx + dw, gy - h, roof, trim)
-        b.arch(cx - w * 0.12, cx + w * 0.12, gy, h * 0.8, _shade(mat, 0.6))
-        b.windows(rng, x0, cx - w * 0.14, gy - h + 0.03, gy - 0.03, 2, 2, win, True)
-        b.windows(rng, cx + w * 0.14, x1, gy - h + 0.03, gy - 0.03, 2, 2, win, True)
-        nm = rng.choice([1, 2, 2, 4])
-        mh = h + rng.uniform(0.2, 0.4)
-        xs = [x0 - 0.05, x1 + 0.02][: min(nm, 2)] + ([x0 + 0.03, x1 - 0.06] if nm == 4 else [])
-        for i, mx in enumerate(xs):
-            hh = mh * (1 if i < 2 else 0.75)
-            b.rect(mx, gy - hh, mx + 0.03, gy, _shade(mat, 0.95), trim)
-            b.rect(mx - 0.006, gy - hh * 0.75, mx + 0.036, gy - hh * 0.75 + 0.01, acc)
-            b.roof(rng, rng.choice(["spire", "onion"]), mx, mx + 0.03, gy - hh, roof, trim)
+class _Site(NamedTuple):
+    """What drawing one building needs: the builder, the image's generator, the country, the
+    ground line ``gy``, the building's centre ``cx`` and its colours (material, accent, roof,
+    window, trim)."""
+
+    b: _Builder
+    rng: np.random.Generator
+    st: Country
+    gy: float
+    cx: float
+    mat: Color
+    acc: Color
+    roof: Color
+    win: Color
+    trim: Color
+
+    def roof_kind(self) -> str:
+        """A roof shape drawn from the country's preference."""
+        return _pick(self.rng, self.st.roofs)
+
+
+def _cathedral(s: _Site) -> tuple[float, float]:
+    """A nave with a gable or the country's roof, a rose window, up to two towers."""
+    b, rng, gy, cx, mat, acc, roof, win, trim = s.b, s.rng, s.gy, s.cx, s.mat, s.acc, s.roof, s.win, s.trim
+    rpref = s.roof_kind
+    w, h = rng.uniform(0.32, 0.55), rng.uniform(0.22, 0.38)
+    x0, x1 = cx - w / 2, cx + w / 2
+    b.rect(x0, gy - h, x1, gy, mat, trim)
+    b.roof(rng, rng.choice(["gable", rpref()]), x0, x1, gy - h, roof, trim)
+    b.windows(rng, x0 + 0.03, x1 - 0.03, gy - h + 0.03, gy - 0.1, rng.integers(1, 3), rng.integers(3, 7), win, True)
+    b.arch(cx - w * 0.09, cx + w * 0.09, gy, h * 0.45, _shade(win, 0.7))
+    if rng.random() < 0.6:
+        b.ellipse(cx, gy - h * 0.7, w * 0.08, w * 0.08, acc)
+    ntow = rng.choice([0, 1, 2, 2])
+    tw, th = w * rng.uniform(0.18, 0.3), h + rng.uniform(0.1, 0.3)
+    rk = rpref()
+    sides = [x0 - tw * 0.5, x1 - tw * 0.5]
+    if ntow == 1:
+        sides = [rng.choice([x0 - tw * 0.5, cx - tw / 2, x1 - tw * 0.5])]
+    for tx in sides[:ntow]:
+        b.rect(tx, gy - th, tx + tw, gy, _shade(mat, 0.95), trim)
+        b.windows(rng, tx, tx + tw, gy - th + 0.02, gy - h * 0.6, rng.integers(2, 5), 1, win, True)
+        b.roof(rng, rk, tx, tx + tw, gy - th, roof, trim)
+    return x0 - 0.1, x1 + 0.1
+
+
+def _palace(s: _Site) -> tuple[float, float]:
+    """A long block of window rows, a taller central pavilion, sometimes two wings."""
+    b, rng, gy, cx, mat, roof, win, trim = s.b, s.rng, s.gy, s.cx, s.mat, s.roof, s.win, s.trim
+    rpref = s.roof_kind
+    w, h = rng.uniform(0.6, 0.9), rng.uniform(0.13, 0.24)
+    x0, x1 = cx - w / 2, cx + w / 2
+    b.rect(x0, gy - h, x1, gy, mat, trim)
+    b.windows(rng, x0 + 0.01, x1 - 0.01, gy - h + 0.02, gy - 0.01, rng.integers(2, 5), rng.integers(7, 15), win,
+              rng.random() < 0.4)
+    b.roof(rng, "flat", x0, x1, gy - h, roof, trim)
+    pw, ph = w * rng.uniform(0.15, 0.3), h * rng.uniform(1.15, 1.6)
+    b.rect(cx - pw / 2, gy - ph, cx + pw / 2, gy, _shade(mat, 1.06), trim)
+    b.windows(rng, cx - pw / 2, cx + pw / 2, gy - ph + 0.02, gy - 0.02, rng.integers(2, 4), rng.integers(2, 4),
+              win, True)
+    b.roof(rng, rpref(), cx - pw / 2, cx + pw / 2, gy - ph, roof, trim)
+    if rng.random() < 0.5:
+        for sx in (x0, x1 - pw * 0.6):
+            b.rect(sx, gy - h * 1.2, sx + pw * 0.6, gy, _shade(mat, 0.95), trim)
+            b.roof(rng, "gable", sx, sx + pw * 0.6, gy - h * 1.2, roof, trim)
+    return x0, x1
+
+
+def _temple(s: _Site) -> tuple[float, float]:
+    """Steps, a colonnade before a dark cella, a pediment; sometimes a dome behind (a capitol)."""
+    b, rng, gy, cx, mat, acc, roof, trim = s.b, s.rng, s.gy, s.cx, s.mat, s.acc, s.roof, s.trim
+    rpref = s.roof_kind
+    w, h = rng.uniform(0.4, 0.7), rng.uniform(0.16, 0.28)
+    x0, x1 = cx - w / 2, cx + w / 2
+    if rng.random() < 0.35:  # dome behind (capitol)
+        b.rect(cx - w * 0.15, gy - h * 1.6, cx + w * 0.15, gy - h, _shade(mat, 0.9), trim)
+        b.roof(rng, "dome", cx - w * 0.15, cx + w * 0.15, gy - h * 1.6, roof, trim)
+    for i in range(3):  # steps
+        b.rect(x0 - 0.03 + i * 0.01, gy - 0.012 * (i + 1), x1 + 0.03 - i * 0.01, gy - 0.012 * i,
+               _shade(mat, 0.9 + 0.04 * i))
+    top = gy - h
+    b.rect(x0, top + 0.03, x1, gy - 0.036, _shade(mat, 0.55))  # dark cella behind columns
+    n = rng.integers(4, 11)
+    cw = w / (2 * n - 1)
+    for i in range(n):
+        b.rect(x0 + 2 * i * cw, top + 0.03, x0 + (2 * i + 1) * cw, gy - 0.036, mat, trim)
+    b.rect(x0 - 0.01, top, x1 + 0.01, top + 0.03, acc if rng.random() < 0.5 else mat, trim)
+    b.roof(rng, "gable" if rng.random() < 0.8 else rpref(), x0 - 0.01, x1 + 0.01, top, roof, trim)
+    return x0 - 0.03, x1 + 0.03
+
+
+def _tower(s: _Site) -> tuple[float, float]:
+    """Stacked shrinking stages with cornices and a roof; sometimes a low building beside it."""
+    b, rng, gy, cx, mat, acc, roof, win, trim = s.b, s.rng, s.gy, s.cx, s.mat, s.acc, s.roof, s.win, s.trim
+    rpref = s.roof_kind
+    w, h = rng.uniform(0.08, 0.16), rng.uniform(0.45, 0.68)
+    stages = rng.integers(2, 5)
+    y, x0, x1 = gy, cx - w / 2, cx + w / 2
+    for s in range(stages):
+        sh = h / stages
+        b.rect(x0, y - sh, x1, y, _shade(mat, 1 - 0.05 * s), trim)
+        b.windows(rng, x0, x1, y - sh + 0.01, y - 0.01, 1 + (sh > 0.15), rng.integers(1, 3), win,
+                  rng.random() < 0.5)
+        b.rect(x0 - 0.01, y - sh - 0.008, x1 + 0.01, y - sh + 0.004, acc)
+        y -= sh
+        shrink = w * rng.uniform(0.0, 0.12)
+        x0, x1 = x0 + shrink, x1 - shrink
+    b.roof(rng, rpref(), x0, x1, y, roof, trim)
+    if rng.random() < 0.6:
+        bw = rng.uniform(0.25, 0.45)
+        bx = cx + rng.choice([-1, 1]) * (w / 2 + bw / 2)
+        b.rect(bx - bw / 2, gy - h * 0.22, bx + bw / 2, gy, _shade(mat, 0.9), trim)
+        b.windows(rng, bx - bw / 2, bx + bw / 2, gy - h * 0.2, gy - 0.01, 2, rng.integers(3, 7), win)
+        b.roof(rng, "gable", bx - bw / 2, bx + bw / 2, gy - h * 0.22, roof, trim)
+    return cx - 0.25, cx + 0.25
+
+
+def _gate(s: _Site) -> tuple[float, float]:
+    """A torii (Japan, mostly) or a block pierced by one or three arches."""
+    b, rng, st, gy, cx, mat, acc, roof, trim = s.b, s.rng, s.st, s.gy, s.cx, s.mat, s.acc, s.roof, s.trim
+    rpref = s.roof_kind
+    w, h = rng.uniform(0.3, 0.55), rng.uniform(0.28, 0.45)
+    x0, x1 = cx - w / 2, cx + w / 2
+    if st.name == "Japan" and rng.random() < 0.7:  # torii
+        pw = w * 0.07
+        for px in (x0 + 0.1 * w, x1 - 0.1 * w - pw):
+            b.rect(px, gy - h, px + pw, gy, mat)
+        b.poly([(x0 - 0.05, gy - h - 0.02), (x1 + 0.05, gy - h - 0.02), (x1 + 0.03, gy - h + 0.02),
+                (x0 - 0.03, gy - h + 0.02)], st.roof)
+        b.rect(x0, gy - h * 0.8, x1, gy - h * 0.8 + 0.02, mat)
         return x0 - 0.05, x1 + 0.05
-    if kind == "pyramid":
-        w = rng.uniform(0.4, 0.75)
-        if st.name == "Egypt" and rng.random() < 0.6:
-            h = w * rng.uniform(0.5, 0.65)
-            b.poly([(cx - w / 2, gy), (cx + w / 2, gy), (cx, gy - h)], mat, trim)
-            b.poly([(cx, gy - h), (cx + w / 2, gy), (cx + w * 0.1, gy)], _shade(mat, 0.8))
-            if rng.random() < 0.6:
-                w2 = w * rng.uniform(0.4, 0.7)
-                c2 = cx + rng.choice([-1, 1]) * w * 0.6
-                b.poly([(c2 - w2 / 2, gy), (c2 + w2 / 2, gy), (c2, gy - w2 * 0.6)], _shade(mat, 0.92), trim)
-            return cx - w, cx + w
-        steps = rng.integers(4, 8)
-        sh = rng.uniform(0.035, 0.06)
-        for s in range(steps):
-            ww = w * (1 - s / (steps + 1.5))
-            b.rect(cx - ww / 2, gy - sh * (s + 1), cx + ww / 2, gy - sh * s, _shade(mat, 1 - 0.03 * (s % 2)), trim)
-        top = gy - sh * steps
-        b.poly([(cx - w * 0.06, gy), (cx + w * 0.06, gy), (cx + w * 0.04, top), (cx - w * 0.04, top)], acc)
-        tw = w * 0.2
-        b.rect(cx - tw / 2, gy - sh * steps - 0.07, cx + tw / 2, gy - sh * steps, _shade(mat, 0.85), trim)
-        b.roof(rng, rpref(), cx - tw / 2, cx + tw / 2, gy - sh * steps - 0.07, roof, trim)
-        return cx - w / 2, cx + w / 2
-    # skyscraper cluster
+    b.rect(x0, gy - h, x1, gy, mat, trim)
+    n = rng.choice([1, 3])
+    ow = w * (0.35 if n == 1 else 0.2)
+    for i in range(n):
+        ocx = cx + (i - (n - 1) / 2) * w * 0.3
+        hh = h * (0.65 if i == (n - 1) / 2 else 0.45)
+        b.arch(ocx - ow / 2, ocx + ow / 2, gy, hh, _jit(rng, st.sky[1], 8))
+    b.rect(x0, gy - h, x1, gy - h + 0.035, acc)
+    if rng.random() < 0.6:
+        b.roof(rng, rpref(), x0 + 0.03, x1 - 0.03, gy - h, roof, trim)
+    return x0, x1
+
+
+def _bridge(s: _Site) -> tuple[float, float]:
+    """Water, a deck on piers, sometimes two towers (a suspension or tower bridge)."""
+    b, rng, gy, mat, acc, roof, trim = s.b, s.rng, s.gy, s.mat, s.acc, s.roof, s.trim
+    rpref = s.roof_kind
+    water = _jit(rng, (60, 110, 150), 15)
+    b.rect(-2.0, gy - 0.02, 3.0, gy + 0.3, water, frame=False)
+    dy = gy - rng.uniform(0.12, 0.22)
+    b.rect(-0.3, dy - 0.035, 1.3, dy, mat, trim)
+    n = rng.integers(3, 7)
+    span = 1.6 / n
+    for i in range(n + 1):
+        px = -0.3 + i * span
+        b.rect(px - 0.02, dy, px + 0.02, gy + 0.02, _shade(mat, 0.9))
+    if rng.random() < 0.6:  # suspension/tower bridge
+        for px in (-0.3 + span * (n // 3 or 1), -0.3 + span * (n - (n // 3 or 1))):
+            th = rng.uniform(0.25, 0.4)
+            b.rect(px - 0.03, dy - th, px + 0.03, dy, acc)
+            b.roof(rng, rpref(), px - 0.035, px + 0.035, dy - th, roof, trim)
+    return 0.0, 1.0
+
+
+def _pagoda(s: _Site) -> tuple[float, float]:
+    """Shrinking tiers, each with its upturned roof, and a finial."""
+    b, rng, st, gy, cx, mat, roof, trim = s.b, s.rng, s.st, s.gy, s.cx, s.mat, s.roof, s.trim
+    tiers = rng.integers(3, 8)
+    w = rng.uniform(0.18, 0.3)
+    y = gy
+    th = rng.uniform(0.06, 0.1)
+    for t in range(tiers):
+        ww = w * (1 - 0.08 * t)
+        b.rect(cx - ww / 2, y - th, cx + ww / 2, y, mat, trim)
+        b.rect(cx - ww / 4, y - th * 0.8, cx + ww / 4, y - th * 0.2, st.accent)
+        b.roof(rng, "pagoda", cx - ww / 2, cx + ww / 2, y - th, roof, trim)
+        y -= th + ww * 0.12
+    b.rect(cx - 0.006, y - 0.12, cx + 0.006, y, trim)
+    return cx - w, cx + w
+
+
+def _mosque(s: _Site) -> tuple[float, float]:
+    """A prayer hall under a dome or onion dome, arched windows, one to four minarets."""
+    b, rng, gy, cx, mat, acc, roof, win, trim = s.b, s.rng, s.gy, s.cx, s.mat, s.acc, s.roof, s.win, s.trim
+    w, h = rng.uniform(0.3, 0.5), rng.uniform(0.16, 0.26)
+    x0, x1 = cx - w / 2, cx + w / 2
+    b.rect(x0, gy - h, x1, gy, mat, trim)
+    dw = w * rng.uniform(0.18, 0.3)
+    b.roof(rng, rng.choice(["dome", "onion"]), cx - dw, cx + dw, gy - h, roof, trim)
+    b.arch(cx - w * 0.12, cx + w * 0.12, gy, h * 0.8, _shade(mat, 0.6))
+    b.windows(rng, x0, cx - w * 0.14, gy - h + 0.03, gy - 0.03, 2, 2, win, True)
+    b.windows(rng, cx + w * 0.14, x1, gy - h + 0.03, gy - 0.03, 2, 2, win, True)
+    nm = rng.choice([1, 2, 2, 4])
+    mh = h + rng.uniform(0.2, 0.4)
+    xs = [x0 - 0.05, x1 + 0.02][: min(nm, 2)] + ([x0 + 0.03, x1 - 0.06] if nm == 4 else [])
+    for i, mx in enumerate(xs):
+        hh = mh * (1 if i < 2 else 0.75)
+        b.rect(mx, gy - hh, mx + 0.03, gy, _shade(mat, 0.95), trim)
+        b.rect(mx - 0.006, gy - hh * 0.75, mx + 0.036, gy - hh * 0.75 + 0.01, acc)
+        b.roof(rng, rng.choice(["spire", "onion"]), mx, mx + 0.03, gy - hh, roof, trim)
+    return x0 - 0.05, x1 + 0.05
+
+
+def _pyramid(s: _Site) -> tuple[float, float]:
+    """A smooth pyramid (Egypt, mostly) with a shaded face, or a stepped one with a shrine on top."""
+    b, rng, st, gy, cx, mat, acc, roof, trim = s.b, s.rng, s.st, s.gy, s.cx, s.mat, s.acc, s.roof, s.trim
+    rpref = s.roof_kind
+    w = rng.uniform(0.4, 0.75)
+    if st.name == "Egypt" and rng.random() < 0.6:
+        h = w * rng.uniform(0.5, 0.65)
+        b.poly([(cx - w / 2, gy), (cx + w / 2, gy), (cx, gy - h)], mat, trim)
+        b.poly([(cx, gy - h), (cx + w / 2, gy), (cx + w * 0.1, gy)], _shade(mat, 0.8))
+        if rng.random() < 0.6:
+            w2 = w * rng.uniform(0.4, 0.7)
+            c2 = cx + rng.choice([-1, 1]) * w * 0.6
+            b.poly([(c2 - w2 / 2, gy), (c2 + w2 / 2, gy), (c2, gy - w2 * 0.6)], _shade(mat, 0.92), trim)
+        return cx - w, cx + w
+    steps = rng.integers(4, 8)
+    sh = rng.uniform(0.035, 0.06)
+    for s in range(steps):
+        ww = w * (1 - s / (steps + 1.5))
+        b.rect(cx - ww / 2, gy - sh * (s + 1), cx + ww / 2, gy - sh * s, _shade(mat, 1 - 0.03 * (s % 2)), trim)
+    top = gy - sh * steps
+    b.poly([(cx - w * 0.06, gy), (cx + w * 0.06, gy), (cx + w * 0.04, top), (cx - w * 0.04, top)], acc)
+    tw = w * 0.2
+    b.rect(cx - tw / 2, gy - sh * steps - 0.07, cx + tw / 2, gy - sh * steps, _shade(mat, 0.85), trim)
+    b.roof(rng, rpref(), cx - tw / 2, cx + tw / 2, gy - sh * steps - 0.07, roof, trim)
+    return cx - w / 2, cx + w / 2
+
+
+def _skyscrapers(s: _Site) -> tuple[float, float]:
+    """Two to five window-gridded towers, the tallest with a spire or flat top (any other kind)."""
+    b, rng, gy, mat, acc, roof = s.b, s.rng, s.gy, s.mat, s.acc, s.roof
     n = rng.integers(2, 6)
     xs = np.sort(rng.uniform(0.15, 0.85, n))
     tallest = int(rng.integers(n))
@@ -456,6 +516,19 @@ def _building(b: _Builder, rng, kind: str, st: Country, gy: float, mat: Color, a
         if i == tallest:
             b.roof(rng, rng.choice(["spire", "flat"]), tx - tw / 4, tx + tw / 4, gy - th, roof, col)
     return 0.1, 0.9
+
+
+#: Building kind -> its drawer, each returning the building's x extent; any other kind is a cluster of
+#: skyscrapers.
+_BUILDINGS = {"cathedral": _cathedral, "palace": _palace, "temple": _temple, "tower": _tower, "gate": _gate,
+              "bridge": _bridge, "pagoda": _pagoda, "mosque": _mosque, "pyramid": _pyramid}
+
+
+def _building(b: _Builder, rng, kind: str, st: Country, gy: float, mat: Color, acc: Color,
+              roof: Color) -> tuple[float, float]:
+    """Draw one building of ``kind`` standing on ``gy``; returns its x extent."""
+    site = _Site(b, rng, st, gy, rng.uniform(0.4, 0.6), mat, acc, roof, st.window, _shade(mat, 0.8))
+    return _BUILDINGS.get(kind, _skyscrapers)(site)
 
 
 def _exterior(rng: np.random.Generator, st: Country) -> tuple[Blueprint, Color]:
@@ -810,6 +883,93 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
         w.writerows(rows)
 
 
+def _render_all(out: Path, plan: dict[str, Any], seed: int, image_size: int,
+                blueprints: dict[int, tuple[Country, Blueprint, Blueprint | None]], progress: bool) -> None:
+    """Every image of the plan as ``out/<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg``."""
+    from tqdm import tqdm
+
+    jobs = [("train", i, r[0], r[2]) for i, r in enumerate(plan["train"])]
+    jobs += [("index", i, iid, u) for i, (iid, u) in enumerate(plan["index"])]
+    jobs += [("test", i, r[0], r[2]) for i, r in enumerate(plan["test"])]
+    made: set[Path] = set()
+    for split, i, iid, content in tqdm(jobs, desc="synth", disable=not progress, mininterval=0.5):
+        d = out / split / iid[0] / iid[1] / iid[2]
+        if d not in made:
+            d.mkdir(parents=True, exist_ok=True)
+            made.add(d)
+        render_image(seed, split, i, content, image_size, blueprints).save(d / f"{iid}.jpg", "JPEG",
+                                                                            quality=JPEG_QUALITY)
+
+
+def _write_train_tables(out: Path, plan: dict[str, Any],
+                        blueprints: dict[int, tuple[Country, Blueprint, Blueprint | None]]) -> dict[int, list[str]]:
+    """``train.csv``, ``train_clean.csv`` and the train label tables; returns the clean
+    classes (train landmark id -> its clean image ids, classes of at least two)."""
+    tl = plan["train_lid"]
+    _write_csv(out / "train.csv", ["id", "url", "landmark_id"],
+               [(i, URL.format(split="train", id=i), tl[u]) for i, u, _, _ in plan["train"]])
+    clean: dict[int, list[str]] = {}
+    for i, u, _, ok in plan["train"]:
+        if ok:
+            clean.setdefault(tl[u], []).append(i)
+    clean = {k: v for k, v in clean.items() if len(v) >= 2}
+    _write_csv(out / "train_clean.csv", ["landmark_id", "images"], [(k, " ".join(clean[k])) for k in sorted(clean)])
+    by_tl = sorted((tl[u], u) for u in tl)
+    _write_csv(out / "train_label_to_category.csv", ["landmark_id", "category"],
+               [(k, CATEGORY_URL.format(u)) for k, u in by_tl])
+    _write_csv(out / "train_label_to_country.csv", ["landmark_id", "country"],
+               [(k, ALPHA2[blueprints[u][0].name]) for k, u in by_tl])
+    return clean
+
+
+def _write_index_test_tables(out: Path, plan: dict[str, Any]) -> tuple[list[tuple], list[tuple]]:
+    """``index.csv``, the index label tables, ``test.csv`` and both solution files; returns
+    the recognition and retrieval solution rows ``(id, landmarks or images, Usage)``."""
+    tl, il = plan["train_lid"], plan["index_lid"]
+    _write_csv(out / "index.csv", ["id"], [(i,) for i, _ in plan["index"]])
+    _write_csv(out / "index_image_to_landmark.csv", ["id", "landmark_id"], [(i, il[u]) for i, u in plan["index"]])
+    _write_csv(out / "index_label_to_category.csv", ["landmark_id", "category"],
+               [(k, CATEGORY_URL.format(u)) for k, u in sorted((il[u], u) for u in il)])
+    index_of: dict[int, list[str]] = {}
+    for i, u in plan["index"]:
+        index_of.setdefault(u, []).append(i)
+    rec, ret = [], []
+    for i, g, content, usage in plan["test"]:
+        lm = content if isinstance(content, int) else None
+        rec.append((i, str(tl[lm]) if lm in tl else "", usage))
+        ret.append((i, " ".join(index_of[lm]), usage) if lm in index_of else (i, "None", "Ignored"))
+    _write_csv(out / "test.csv", ["id"], [(i,) for i, *_ in plan["test"]])
+    _write_csv(out / "recognition_solution_v2.1.csv", ["id", "landmarks", "Usage"], rec)
+    _write_csv(out / "retrieval_solution_v2.1.csv", ["id", "images", "Usage"], ret)
+    return rec, ret
+
+
+def _summary(plan: dict[str, Any], blueprints: dict[int, tuple[Country, Blueprint, Blueprint | None]],
+             clean: dict[int, list[str]], rec: list[tuple], ret: list[tuple]) -> dict[str, Any]:
+    """The counts of ``synth_summary.json`` (arguments excluded)."""
+    tl = plan["train_lid"]
+    groups: dict[str, int] = {}
+    for _, g, _, _ in plan["test"]:
+        groups[g] = groups.get(g, 0) + 1
+    return {
+        "images": {s: len(plan[s]) for s in ("train", "index", "test")},
+        "train_noisy": sum(not ok for *_, ok in plan["train"]),
+        "train_clean_images": sum(len(v) for v in clean.values()),
+        "train_classes": len(tl), "train_clean_classes": len(clean),
+        "index_landmarks": len(plan["index_lid"]), "index_landmarks_in_train": len(plan["shared"]),
+        "countries": len({blueprints[u][0].name for u in tl}),
+        "continents": len({blueprints[u][0].continent for u in tl}),
+        "interior_landmarks": sum(blueprints[u][2] is not None for u in blueprints),
+        "test_groups": groups,
+        "recognition_empty": sum(not r[1] for r in rec),
+        "queries": {
+            usage: {"recognition_with_gt": sum(bool(r[1]) and r[2] == usage for r in rec),
+                    "retrieval_with_gt": sum(r[2] == usage for r in ret)}
+            for usage in ("Public", "Private")
+        },
+    }
+
+
 def make_synthetic_gldv2(out: str | os.PathLike, seed: int = 0, n_landmarks: int = 120, image_size: int = 96,
                          scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
     """Write a GLDv2 v2.1-shaped root of procedurally drawn landmarks to ``out``.
@@ -829,79 +989,16 @@ def make_synthetic_gldv2(out: str | os.PathLike, seed: int = 0, n_landmarks: int
         The summary also written to ``out/synth_summary.json``: counts per split, class
         counts, noise and test-group counts, Public/Private query counts.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(seed, n_landmarks, scale)
     needed = set(range(n_landmarks)) | set(plan["index_only"]) | set(plan["distractors"])
     blueprints = {u: make_blueprints(seed, u) for u in sorted(needed)}
-    jobs = [("train", i, c) for i, (_, _, c, _) in enumerate(plan["train"])]
-    jobs += [("index", i, u) for i, (_, u) in enumerate(plan["index"])]
-    jobs += [("test", i, c) for i, (_, _, c, _) in enumerate(plan["test"])]
-    ids = {"train": [r[0] for r in plan["train"]], "index": [r[0] for r in plan["index"]],
-           "test": [r[0] for r in plan["test"]]}
-    made: set[Path] = set()
-    for split, i, content in tqdm(jobs, desc="synth", disable=not progress, mininterval=0.5):
-        iid = ids[split][i]
-        d = out / split / iid[0] / iid[1] / iid[2]
-        if d not in made:
-            d.mkdir(parents=True, exist_ok=True)
-            made.add(d)
-        render_image(seed, split, i, content, image_size, blueprints).save(d / f"{iid}.jpg", "JPEG",
-                                                                            quality=JPEG_QUALITY)
-
-    tl, il = plan["train_lid"], plan["index_lid"]
-    _write_csv(out / "train.csv", ["id", "url", "landmark_id"],
-               [(i, URL.format(split="train", id=i), tl[u]) for i, u, _, _ in plan["train"]])
-    clean: dict[int, list[str]] = {}
-    for i, u, _, ok in plan["train"]:
-        if ok:
-            clean.setdefault(tl[u], []).append(i)
-    clean = {k: v for k, v in clean.items() if len(v) >= 2}
-    _write_csv(out / "train_clean.csv", ["landmark_id", "images"], [(k, " ".join(clean[k])) for k in sorted(clean)])
-    by_tl = sorted((tl[u], u) for u in tl)
-    _write_csv(out / "train_label_to_category.csv", ["landmark_id", "category"],
-               [(k, CATEGORY_URL.format(u)) for k, u in by_tl])
-    _write_csv(out / "train_label_to_country.csv", ["landmark_id", "country"],
-               [(k, ALPHA2[blueprints[u][0].name]) for k, u in by_tl])
-    _write_csv(out / "index.csv", ["id"], [(i,) for i, _ in plan["index"]])
-    _write_csv(out / "index_image_to_landmark.csv", ["id", "landmark_id"], [(i, il[u]) for i, u in plan["index"]])
-    _write_csv(out / "index_label_to_category.csv", ["landmark_id", "category"],
-               [(k, CATEGORY_URL.format(u)) for k, u in sorted((il[u], u) for u in il)])
-    index_of: dict[int, list[str]] = {}
-    for i, u in plan["index"]:
-        index_of.setdefault(u, []).append(i)
-    rec, ret = [], []
-    for i, g, content, usage in plan["test"]:
-        lm = content if isinstance(content, int) else None
-        rec.append((i, str(tl[lm]) if lm in tl else "", usage))
-        ret.append((i, " ".join(index_of[lm]), usage) if lm in index_of else (i, "None", "Ignored"))
-    _write_csv(out / "test.csv", ["id"], [(i,) for i, *_ in plan["test"]])
-    _write_csv(out / "recognition_solution_v2.1.csv", ["id", "landmarks", "Usage"], rec)
-    _write_csv(out / "retrieval_solution_v2.1.csv", ["id", "images", "Usage"], ret)
-
-    groups: dict[str, int] = {}
-    for _, g, _, _ in plan["test"]:
-        groups[g] = groups.get(g, 0) + 1
-    summary = {
-        "seed": seed, "n_landmarks": n_landmarks, "image_size": image_size, "scale": scale,
-        "images": {s: len(v) for s, v in ids.items()},
-        "train_noisy": sum(not ok for *_, ok in plan["train"]),
-        "train_clean_images": sum(len(v) for v in clean.values()),
-        "train_classes": len(tl), "train_clean_classes": len(clean),
-        "index_landmarks": len(il), "index_landmarks_in_train": len(plan["shared"]),
-        "countries": len({blueprints[u][0].name for u in tl}),
-        "continents": len({blueprints[u][0].continent for u in tl}),
-        "interior_landmarks": sum(blueprints[u][2] is not None for u in blueprints),
-        "test_groups": groups,
-        "recognition_empty": sum(not r[1] for r in rec),
-        "queries": {
-            usage: {"recognition_with_gt": sum(bool(r[1]) and r[2] == usage for r in rec),
-                    "retrieval_with_gt": sum(r[2] == usage for r in ret)}
-            for usage in ("Public", "Private")
-        },
-    }
+    _render_all(out, plan, seed, image_size, blueprints, progress)
+    clean = _write_train_tables(out, plan, blueprints)
+    rec, ret = _write_index_test_tables(out, plan)
+    summary = {"seed": seed, "n_landmarks": n_landmarks, "image_size": image_size, "scale": scale,
+               **_summary(plan, blueprints, clean, rec, ret)}
     with atomic_write(out / "synth_summary.json") as f:
         json.dump(summary, f, indent=2)
     log.info("synthetic GLDv2 root at %s: %s", out, summary["images"])

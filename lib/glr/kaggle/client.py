@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from glr.kaggle.publish import KAGGLE_LICENSES, _check_dataset_id, _check_title
+from glr.kaggle.ids import KAGGLE_LICENSES, check_dataset_id, check_title
 from glr.submission import TASKS, read_submission, validate_submission_file
 from glr.utils import InputError, read_json_object
 
@@ -254,8 +254,8 @@ def read_dataset_folder(folder: str | os.PathLike, dir_mode: str = "skip") -> di
         if key not in meta:
             raise InputError(f"missing {key!r}", meta_path)
     try:
-        owner, slug = _check_dataset_id(meta["id"])
-        title = _check_title(meta["title"])
+        owner, slug = check_dataset_id(meta["id"])
+        title = check_title(meta["title"])
     except InputError as e:
         raise InputError(str(e), meta_path) from None
     licenses = meta["licenses"]

@@ -7,61 +7,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from glr.kaggle.ids import check_dataset_id, check_licence, check_title
 from glr.model.weights import MANIFEST, _entry, _safe_name, read_artifact_info, read_manifest
 from glr.utils import InputError, file_sha256
 
 log = logging.getLogger(__name__)
 
 KAGGLE_METADATA = "dataset-metadata.json"
-
-
-#: Licence names ``kaggle datasets create`` accepts (Kaggle/kaggle-api ``docs/datasets_metadata.md``).
-KAGGLE_LICENSES = (
-    "CC0-1.0", "CC-BY-SA-3.0", "CC-BY-SA-4.0", "CC-BY-NC-SA-4.0", "GPL-2.0", "ODbL-1.0", "DbCL-1.0",
-    "copyright-authors", "other", "unknown", "CC-BY-4.0", "CC-BY-NC-4.0", "PDDL", "CC-BY-3.0", "CC-BY-3.0-IGO",
-    "US-Government-Works", "CC-BY-NC-SA-3.0-IGO", "CDLA-Permissive-1.0", "CDLA-Sharing-1.0", "CC-BY-ND-4.0",
-    "CC-BY-NC-ND-4.0", "ODC-BY-1.0", "LGPL-3.0", "AGPL-3.0", "FDL-1.3", "EU-ODP-Legal-Notice", "apache-2.0",
-    "GPL-3.0",
-)
-
-
-#: Slug: lower-case letters and digits in hyphen-separated words. Kaggle's client only checks the
-#: length (6–50); the character set is this kit's rule, so a slug is used as given in the URL.
-_SLUG_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-
-
-_OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-
-def _check_dataset_id(dataset_id: str) -> tuple[str, str]:
-    if not isinstance(dataset_id, str) or dataset_id.count("/") != 1:
-        raise InputError(f"dataset id must be 'owner/slug', not {dataset_id!r}")
-    owner, slug = dataset_id.split("/")
-    if not _OWNER_RE.fullmatch(owner):
-        raise InputError(f"dataset owner {owner!r} must be a Kaggle user or organisation name "
-                         "(letters, digits, '-', '_')")
-    if not 6 <= len(slug) <= 50:
-        raise InputError(f"dataset slug {slug!r} has {len(slug)} characters; kaggle needs 6 to 50")
-    if not _SLUG_RE.fullmatch(slug):
-        raise InputError(f"dataset slug {slug!r} must be lower-case letters and digits separated by single hyphens")
-    return owner, slug
-
-
-def _check_title(title: str) -> str:
-    if not isinstance(title, str):
-        raise InputError(f"dataset title must be a string, not {title!r}")
-    title = title.strip()
-    if not 6 <= len(title) <= 50:
-        raise InputError(f"dataset title {title!r} has {len(title)} characters; kaggle needs 6 to 50")
-    if title == "INSERT_TITLE_HERE":
-        raise InputError("dataset title is kaggle's placeholder")
-    return title
 
 
 def _neighbour_cv(artifact: Path, sha256: str) -> dict | None:
@@ -102,7 +59,7 @@ def pack(artifacts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dat
         out_dir: the folder to create; must be absent or empty unless ``overwrite``.
         dataset_id: ``owner/slug``; slug 6–50 characters, lower-case letters, digits, hyphens.
         title: 6–50 characters (kaggle's client rule); default from the slug.
-        licence: one of :data:`KAGGLE_LICENSES`.
+        licence: one of :data:`glr.kaggle.ids.KAGGLE_LICENSES`.
         overwrite: replace an existing pack folder (one holding ``dataset-metadata.json`` and
             ``manifest.json``); any other non-empty folder is refused.
 
@@ -113,27 +70,44 @@ def pack(artifacts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dat
         InputError: bad id, title or licence, no artifacts, a missing or foreign artifact, two
             artifacts packing to the same name, or a non-empty ``out_dir``.
     """
-    _, slug = _check_dataset_id(dataset_id)
-    title = _check_title(title if title is not None else slug.replace("-", " ").capitalize())
-    if licence not in KAGGLE_LICENSES:
-        raise InputError(f"licence {licence!r} is not one kaggle accepts ({', '.join(KAGGLE_LICENSES)})")
+    _, slug = check_dataset_id(dataset_id)
+    title = check_title(title if title is not None else slug.replace("-", " ").capitalize())
+    check_licence(licence)
     if isinstance(artifacts, (str, os.PathLike)):
         artifacts = [artifacts]
     if not artifacts:
         raise InputError("nothing to pack: no artifacts given")
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise InputError("pack folder is a file", out_dir)
-        if any(out_dir.iterdir()):
-            if not overwrite:
-                raise InputError("pack folder is not empty (pass overwrite=True to replace a previous pack)",
-                                 out_dir)
-            if not _looks_like_pack(out_dir):
-                raise InputError(f"pack folder is not empty and holds no previous pack ({KAGGLE_METADATA} "
-                                 f"and {MANIFEST}); refusing to replace it", out_dir)
+    _check_pack_folder(out_dir, overwrite)
+    plan = _pack_plan(artifacts)  # every source is checked before anything is written
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        _write_pack(tmp, plan, dataset_id, title, licence)
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
-    # check every source before writing anything
+
+def _check_pack_folder(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``overwrite`` and it holds a previous pack."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError("pack folder is a file", out_dir)
+    if any(out_dir.iterdir()):
+        if not overwrite:
+            raise InputError("pack folder is not empty (pass overwrite=True to replace a previous pack)", out_dir)
+        if not _looks_like_pack(out_dir):
+            raise InputError(f"pack folder is not empty and holds no previous pack ({KAGGLE_METADATA} "
+                             f"and {MANIFEST}); refusing to replace it", out_dir)
+
+
+def _pack_plan(artifacts: Sequence[str | os.PathLike]) -> list[tuple[Path, str, dict[str, Any]]]:
+    """``(source, packed file name, artifact info)`` per artifact; InputError for an unreadable
+    artifact or two packing to the same name."""
     plan: list[tuple[Path, str, dict[str, Any]]] = []
     by_name: dict[str, Path] = {}
     for a in artifacts:
@@ -148,46 +122,47 @@ def pack(artifacts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dat
                              "meta experiment/stage or file names", a)
         by_name[name] = a
         plan.append((a, name, info))
+    return plan
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+
+def _write_pack(folder: Path, plan: list[tuple[Path, str, dict[str, Any]]], dataset_id: str, title: str,
+                licence: str) -> None:
+    """Copy the artifacts into ``folder``, then write ``manifest.json`` and ``dataset-metadata.json``."""
+    entries = []
+    for src, name, info in plan:
+        dst = folder / name
+        shutil.copyfile(src, dst)
+        digest = file_sha256(dst)
+        entries.append(_entry(info, dst, _neighbour_cv(src, digest), sha256=digest))
+    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump({"dataset": dataset_id, "title": title, "entries": entries}, f, indent=2)
+        f.write("\n")
+    lines = [f"glr model artifacts ({len(entries)} file{'s' * (len(entries) != 1)}), see {MANIFEST}.", ""]
+    for e in entries:
+        cv = e["cv"] or {}
+        figure = f", CV mAP@100 private {cv['map@100/private']:.4f}" if cv.get("map@100/private") is not None else ""
+        lines.append(f"- `{e['file']}`: {e['backbone']} @ {e['image_size']} px, train set {e['train_set']}"
+                     f"{figure}")
+    metadata = {"title": title, "id": dataset_id, "licenses": [{"name": licence}],
+                "description": "\n".join(lines) + "\n"}
+    with open(folder / KAGGLE_METADATA, "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+        f.write("\n")
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an old pack there is moved aside first and removed only
+    once the new one is in (put back if the rename fails)."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+        os.rmdir(old)
+        os.rename(out_dir, old)
     try:
-        entries = []
-        for src, name, info in plan:
-            dst = tmp / name
-            shutil.copyfile(src, dst)
-            digest = file_sha256(dst)
-            entry = _entry(info, dst, _neighbour_cv(src, digest), sha256=digest)
-            entries.append(entry)
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump({"dataset": dataset_id, "title": title, "entries": entries}, f, indent=2)
-            f.write("\n")
-        lines = [f"glr model artifacts ({len(entries)} file{'s' * (len(entries) != 1)}), see {MANIFEST}.", ""]
-        for e in entries:
-            cv = e["cv"] or {}
-            figure = f", CV mAP@100 private {cv['map@100/private']:.4f}" if cv.get("map@100/private") is not None else ""
-            lines.append(f"- `{e['file']}`: {e['backbone']} @ {e['image_size']} px, train set {e['train_set']}"
-                         f"{figure}")
-        metadata = {"title": title, "id": dataset_id, "licenses": [{"name": licence}],
-                    "description": "\n".join(lines) + "\n"}
-        with open(tmp / KAGGLE_METADATA, "w", encoding="utf-8") as f:
-            json.dump(metadata, f, indent=2)
-            f.write("\n")
-        # swap into place: an old pack is moved aside first and removed only once the new one is in
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            if old is not None:
-                os.rename(old, out_dir)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        os.rename(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            os.rename(old, out_dir)
         raise
-    return out_dir
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -28,7 +28,7 @@ import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from glr.model.artifact import read_artifact
 from glr.utils import InputError, atomic_write, file_sha256, read_json_object
@@ -313,9 +313,32 @@ def read_ensemble(path: str | os.PathLike, weights_dir: str | os.PathLike = "wei
             members resolving to the same name. The message names the file, the member number
             and (when known) its line.
     """
+    path = Path(path)
+    text, members = _ensemble_members(path)
+    lines = _member_lines(text)
+    out: list[dict[str, Any]] = []
+    names: dict[str, int] = {}
+    for i, m in enumerate(members, 1):
+        line = lines[i - 1] if len(lines) == len(members) else None
+
+        def fail(msg: str) -> InputError:
+            return InputError(f"member {i}: {msg}", path, line)
+
+        artifact, experiment, stage, weight = _resolve_member(m, path, Path(weights_dir), fail)
+        name = (f"{_safe_name(str(experiment))}__{_safe_name(str(stage))}" if experiment and stage
+                else _safe_name(artifact.stem))
+        if name in names:
+            raise fail(f"same model as member {names[name]} ({name}); raise its weight instead")
+        names[name] = i
+        out.append({"name": name, "artifact": artifact, "weight": weight,
+                    "experiment": experiment, "stage": stage})
+    return out
+
+
+def _ensemble_members(path: Path) -> tuple[str, list]:
+    """The text of an ensemble file and its non-empty ``members`` list (InputError otherwise)."""
     import yaml
 
-    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
@@ -336,59 +359,48 @@ def read_ensemble(path: str | os.PathLike, weights_dir: str | os.PathLike = "wei
     members = doc["members"]
     if not isinstance(members, list) or not members:
         raise InputError("'members' must be a non-empty list", path)
-    lines = _member_lines(text)
-    out: list[dict[str, Any]] = []
-    names: dict[str, int] = {}
-    for i, m in enumerate(members, 1):
-        line = lines[i - 1] if len(lines) == len(members) else None
+    return text, members
 
-        def fail(msg: str) -> InputError:
-            return InputError(f"member {i}: {msg}", path, line)
 
-        if not isinstance(m, dict):
-            raise fail("expected a mapping with 'experiment' or 'artifact'")
-        unknown = sorted(set(map(str, m)) - _MEMBER_KEYS)
-        if unknown:
-            raise fail(f"unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_MEMBER_KEYS))})")
-        has_exp, has_art = "experiment" in m, "artifact" in m
-        if has_exp == has_art:
-            raise fail("give exactly one of 'experiment' and 'artifact'")
-        weight = m.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise fail(f"weight must be a number, not {weight!r}")
-        if weight <= 0:
-            raise fail(f"weight must be > 0, not {weight} (drop the member instead of weighting it 0)")
-        stage = m.get("stage")
-        if stage is not None and (not isinstance(stage, str) or not stage):
-            raise fail(f"stage must be a name such as 's1', not {stage!r}")
-        if has_exp:
-            exp = m["experiment"]
-            if not isinstance(exp, str) or not exp or "/" in exp or "\\" in exp or exp in (".", ".."):
-                raise fail(f"experiment must be an experiment folder name, not {exp!r}")
-            try:
-                artifact, entry = _stage_entry(Path(weights_dir) / exp, stage)
-            except InputError as e:
-                raise fail(f"experiment {exp!r}: {e}") from e
-            experiment, stage = exp, entry["stage"]
-        else:
-            if stage is not None:
-                raise fail("'stage' goes with 'experiment', not with 'artifact'")
-            raw = m["artifact"]
-            if not isinstance(raw, str) or not raw:
-                raise fail(f"artifact must be a file path, not {raw!r}")
-            artifact = path.parent / raw
-            if not artifact.is_file():
-                artifact = Path(raw)
-            try:
-                info = read_artifact_info(artifact)
-            except InputError as e:
-                raise fail(str(e)) from e
-            experiment, stage = info["experiment"], info["stage"]
-        name = (f"{_safe_name(str(experiment))}__{_safe_name(str(stage))}" if experiment and stage
-                else _safe_name(artifact.stem))
-        if name in names:
-            raise fail(f"same model as member {names[name]} ({name}); raise its weight instead")
-        names[name] = i
-        out.append({"name": name, "artifact": artifact, "weight": float(weight),
-                    "experiment": experiment, "stage": stage})
-    return out
+def _resolve_member(m: Any, path: Path, weights_dir: Path,
+                    fail: Callable[[str], InputError]) -> tuple[Path, Any, Any, float]:
+    """``(artifact, experiment, stage, weight)`` of one member of the ensemble file ``path``;
+    ``fail(message)`` builds the error naming the member."""
+    if not isinstance(m, dict):
+        raise fail("expected a mapping with 'experiment' or 'artifact'")
+    unknown = sorted(set(map(str, m)) - _MEMBER_KEYS)
+    if unknown:
+        raise fail(f"unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_MEMBER_KEYS))})")
+    has_exp, has_art = "experiment" in m, "artifact" in m
+    if has_exp == has_art:
+        raise fail("give exactly one of 'experiment' and 'artifact'")
+    weight = m.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise fail(f"weight must be a number, not {weight!r}")
+    if weight <= 0:
+        raise fail(f"weight must be > 0, not {weight} (drop the member instead of weighting it 0)")
+    stage = m.get("stage")
+    if stage is not None and (not isinstance(stage, str) or not stage):
+        raise fail(f"stage must be a name such as 's1', not {stage!r}")
+    if has_exp:
+        exp = m["experiment"]
+        if not isinstance(exp, str) or not exp or "/" in exp or "\\" in exp or exp in (".", ".."):
+            raise fail(f"experiment must be an experiment folder name, not {exp!r}")
+        try:
+            artifact, entry = _stage_entry(weights_dir / exp, stage)
+        except InputError as e:
+            raise fail(f"experiment {exp!r}: {e}") from e
+        return artifact, exp, entry["stage"], float(weight)
+    if stage is not None:
+        raise fail("'stage' goes with 'experiment', not with 'artifact'")
+    raw = m["artifact"]
+    if not isinstance(raw, str) or not raw:
+        raise fail(f"artifact must be a file path, not {raw!r}")
+    artifact = path.parent / raw
+    if not artifact.is_file():
+        artifact = Path(raw)
+    try:
+        info = read_artifact_info(artifact)
+    except InputError as e:
+        raise fail(str(e)) from e
+    return artifact, info["experiment"], info["stage"], float(weight)

@@ -1,7 +1,9 @@
 """What people would rather look at: tables, figures of a CV run, EDA figures, the HTML page.
 
-Figures are drawn on matplotlib ``Figure`` objects (never through the global pyplot state),
-returned to the caller (a notebook shows them inline) and saved when given a path.
+Every ``draw_*`` function returns its picture and also writes it when given a path: charts are
+matplotlib ``Figure`` objects drawn without pyplot (no global figure list, no ``matplotlib.use``:
+the caller's backend is left as it is), image sheets are PIL images. A notebook shows either inline
+as a cell's last expression; scripts and ``glr report`` pass a path.
 """
 
 from glr.report.eda import (draw_class_long_tail, draw_images_per_continent, draw_landmark_samples,

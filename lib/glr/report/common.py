@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -14,6 +14,9 @@ from glr import metrics
 from glr.data.root import GLDv2Root
 from glr.submission import read_submission
 from glr.utils import InputError, atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +60,34 @@ def _submission_lists(path: Path) -> dict[str, list[str]]:
     return {q: cell.split(" ") if cell else [] for q, cell in read_submission(path, "retrieval")}
 
 
-def _save_image(img: Image.Image, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    with atomic_write(path, "wb") as f:
-        img.save(f, format=fmt)
-    return path
+def _save_image(img: Image.Image, path: str | os.PathLike | None) -> Image.Image:
+    """``img``, written to ``path`` first when one is given (atomically; the format from its
+    suffix, PNG when unknown)."""
+    if path is not None:
+        path = Path(path)
+        fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+        with atomic_write(path, "wb") as f:
+            img.save(f, format=fmt)
+    return img
 
 
-def _save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> Path:
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """A matplotlib Figure of its own: no pyplot, no global figure list, no backend chosen (it
+    renders through Agg when saved, and inline in a notebook)."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
 
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".") or "png"
-    try:
+    return Figure(figsize=figsize)
+
+
+def _save_figure(fig: Figure, path: str | os.PathLike | None, dpi: int = 110) -> Figure:
+    """``fig``, written to ``path`` first when one is given (atomically; the format from its
+    suffix, PNG by default)."""
+    if path is not None:
+        path = Path(path)
+        fmt = path.suffix.lower().lstrip(".") or "png"
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format=fmt, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _pyplot() -> Any:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+    return fig
 
 
 def _tile(root: GLDv2Root, split: str, image_id: str, thumb: int) -> Image.Image:
@@ -98,14 +101,14 @@ def _tile(root: GLDv2Root, split: str, image_id: str, thumb: int) -> Image.Image
 
 
 def _draw_sheet(root: GLDv2Root, rows: Sequence[tuple[str, Sequence[str], Sequence[str] | None, str | None]],
-                path: str | os.PathLike, top: int, thumb: int) -> Path:
+                path: str | os.PathLike | None, top: int, thumb: int) -> Image.Image:
     """The retrieval sheet shared by :func:`draw_retrievals` and :func:`draw_retrieval_grid`.
 
     Each row is ``(query id, ranked index ids, ground truth or None, label or None)``: the
     query tile (blue frame, the label written across its bottom) then its first ``top``
     retrievals, framed green when in the ground truth, red when not, grey when the query has
     no ground truth. The sheet is ``(top + 1)·(thumb + 4) + 4`` by ``rows·(thumb + 4) + 4``
-    pixels (one empty row's height when there is no row).
+    pixels (one empty row's height when there is no row); written to ``path`` when given.
     """
     pad = _PAD
     sheet = Image.new("RGB", ((top + 1) * (thumb + pad) + pad, max(1, len(rows)) * (thumb + pad) + pad), "white")

@@ -6,16 +6,20 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from glr.data.geo import COUNTRY_FILE, load_landmark_continents
 from glr.data.root import GLDv2Root
-from glr.report.common import _PAD, _as_root, _note, _pyplot, _save_figure, _save_image, _tile
+from glr.report.common import _PAD, _as_root, _new_figure, _note, _save_figure, _save_image, _tile
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
+
 
 def landmark_counts(root: GLDv2Root | str | os.PathLike, subset: str = "full") -> list[tuple[int, int]]:
     """``(landmark_id, train images)`` of ``train.csv`` (``subset`` as
@@ -24,21 +28,21 @@ def landmark_counts(root: GLDv2Root | str | os.PathLike, subset: str = "full") -
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
-def draw_class_long_tail(root: GLDv2Root | str | os.PathLike, path: str | os.PathLike,
-                         subset: str = "full") -> Path:
+def draw_class_long_tail(root: GLDv2Root | str | os.PathLike, path: str | os.PathLike | None = None,
+                         subset: str = "full") -> Figure:
     """Train images per landmark, landmarks sorted by count, log-scale y (GLDv2 paper, Fig. 1).
 
     Args:
         root: the GLDv2 root (or its folder).
-        path: the picture to write.
+        path: where to save the figure too (format from the suffix).
         subset: ``"full"`` (``train.csv``) or ``"clean"`` (``train_clean.csv``).
 
     Returns:
-        ``path``.
+        The Figure.
     """
     counts = [n for _, n in landmark_counts(root, subset)]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig = _new_figure((7, 3.8))
+    ax = fig.subplots()
     if counts:
         x = np.arange(1, len(counts) + 1)
         ax.fill_between(x, counts, step="mid", alpha=0.35)
@@ -68,18 +72,17 @@ def images_per_continent(root: GLDv2Root | str | os.PathLike, subset: str = "ful
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def draw_images_per_continent(root: GLDv2Root | str | os.PathLike, path: str | os.PathLike,
-                              subset: str = "full") -> Path:
+def draw_images_per_continent(root: GLDv2Root | str | os.PathLike, path: str | os.PathLike | None = None,
+                              subset: str = "full") -> Figure:
     """Bar chart of :func:`images_per_continent`; a note instead of bars when the root has no
-    ``train_label_to_country.csv``.
+    ``train_label_to_country.csv``. Saved to ``path`` when given.
 
     Returns:
-        ``path``.
+        The Figure.
     """
-
     counts = images_per_continent(root, subset)
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = _new_figure((7, 3.6))
+    ax = fig.subplots()
     if counts is None:
         _note(ax, f"no {COUNTRY_FILE} in the root:\ncontinents unknown")
     elif not counts:
@@ -97,9 +100,9 @@ def draw_images_per_continent(root: GLDv2Root | str | os.PathLike, path: str | o
     return _save_figure(fig, path)
 
 
-def draw_landmark_samples(root: GLDv2Root | str | os.PathLike, path: str | os.PathLike, n_landmarks: int = 6,
-                          per_landmark: int = 4, seed: int = 0, thumb: int = 96,
-                          subset: str = "full") -> Path:
+def draw_landmark_samples(root: GLDv2Root | str | os.PathLike, path: str | os.PathLike | None = None,
+                          n_landmarks: int = 6, per_landmark: int = 4, seed: int = 0, thumb: int = 96,
+                          subset: str = "full") -> Image.Image:
     """A grid of train images: one row per landmark (chosen at random with ``seed``), its id
     and image count written on the left, then up to ``per_landmark`` random images of it.
 
@@ -107,7 +110,7 @@ def draw_landmark_samples(root: GLDv2Root | str | os.PathLike, path: str | os.Pa
     and ``rows·(thumb + 4) + 4`` high, rows = min(``n_landmarks``, landmarks in train).
 
     Returns:
-        ``path``.
+        The picture (a PIL image), written to ``path`` too when given.
     """
     root = _as_root(root)
     by_lm: dict[int, list[str]] = {}

@@ -7,28 +7,30 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from glr import metrics
 from glr.data.root import GLDv2Root
-from glr.report.common import (_as_root, _cv_files, _draw_sheet, _note, _pyplot, _save_figure, _solution,
+from glr.report.common import (_as_root, _cv_files, _draw_sheet, _new_figure, _note, _save_figure, _solution,
                                _submission_lists)
 from glr.report.scores import _query_scores, per_query_scores, stage_scores, worst_queries
 from glr.utils import InputError
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 log = logging.getLogger(__name__)
 
-def draw_ablation(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Bar chart of the ablation tables (Public and Private mAP@100 per setting)."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def draw_ablation(report: dict[str, Any], path: str | os.PathLike | None = None) -> Figure:
+    """Bar chart of the ablation tables (Public and Private mAP@100 per setting), one panel per
+    table; saved to ``path`` when given. Returns the Figure."""
     tables = list(report["tables"].items())
-    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 3.6), squeeze=False)
+    fig = _new_figure((5 * len(tables), 3.6))
+    axes = fig.subplots(1, len(tables), squeeze=False)
     for ax, (t, rows) in zip(axes[0], tables):
         xs = range(len(rows))
         ax.bar([x - 0.2 for x in xs], [r["public"] for r in rows], 0.4, label="Public (val)")
@@ -38,15 +40,14 @@ def draw_ablation(report: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.set_ylabel("mAP@100")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
-def draw_retrievals(root: GLDv2Root, cv_dir: str | os.PathLike, path: str | os.PathLike, n_queries: int = 6,
-                    top: int = 8, thumb: int = 96) -> Path:
+def draw_retrievals(root: GLDv2Root, cv_dir: str | os.PathLike, path: str | os.PathLike | None = None,
+                    n_queries: int = 6, top: int = 8, thumb: int = 96) -> Image.Image:
     """Draw queries (left column) and their top retrievals from ``cv_dir/submission.csv``;
     a green frame marks a correct index image, red a wrong one. Queries with ground truth only.
+    Returns the picture (saved to ``path`` when given).
     """
     public, private, _ = metrics.read_solution(root.solution_path("retrieval"), "retrieval")
     gt = {**public, **private}
@@ -55,18 +56,18 @@ def draw_retrievals(root: GLDv2Root, cv_dir: str | os.PathLike, path: str | os.P
     return _draw_sheet(root, [(q, preds[q], gt[q], None) for q in queries], path, top, thumb)
 
 
-def draw_retrieval_grid(root: GLDv2Root | str | os.PathLike, cv_dir: str | os.PathLike, path: str | os.PathLike,
-                        query_ids: Sequence[str] | None = None, n_queries: int = 8, top: int = 5,
-                        which: str = "first", thumb: int = 96,
-                        scores: Sequence[dict[str, Any]] | None = None) -> Path:
+def draw_retrieval_grid(root: GLDv2Root | str | os.PathLike, cv_dir: str | os.PathLike,
+                        path: str | os.PathLike | None = None, query_ids: Sequence[str] | None = None,
+                        n_queries: int = 8, top: int = 5, which: str = "first", thumb: int = 96,
+                        scores: Sequence[dict[str, Any]] | None = None) -> Image.Image:
     """One row per query: the query image (blue frame, its AP or "no GT" written on it), then
     its first ``top`` retrievals of ``cv_dir/submission.csv``, framed green when in the
     query's ground truth, red when not, grey when the query has no ground truth.
 
     Args:
         root: the GLDv2 root (or its folder).
-        cv_dir: a :func:`glr.pipeline.cv` output folder.
-        path: the picture to write (PNG unless its suffix names another format).
+        cv_dir: a :func:`glr.workflows.cv.cv` output folder.
+        path: where to write the picture too (PNG unless its suffix names another format).
         query_ids: the queries to draw, in this order (any test ids of the submission);
             overrides ``which`` / ``n_queries``.
         n_queries: rows when ``query_ids`` is None.
@@ -80,7 +81,7 @@ def draw_retrieval_grid(root: GLDv2Root | str | os.PathLike, cv_dir: str | os.Pa
         scores: :func:`per_query_scores` of this run, to avoid recomputing them.
 
     Returns:
-        ``path``.
+        The picture (a PIL image; a notebook shows it inline).
 
     Raises:
         InputError: missing files, an unknown ``which``, ``"worst"`` / ``"ood"`` without a
@@ -127,29 +128,29 @@ def draw_retrieval_grid(root: GLDv2Root | str | os.PathLike, cv_dir: str | os.Pa
 
 
 def draw_score_distributions(root: GLDv2Root | str | os.PathLike, cv_dir: str | os.PathLike,
-                             path: str | os.PathLike, scores: Sequence[dict[str, Any]] | None = None,
-                             bins: int = 30) -> Path:
+                             path: str | os.PathLike | None = None, scores: Sequence[dict[str, Any]] | None = None,
+                             bins: int = 30) -> Figure:
     """Overlaid histograms of the top-1 similarity of in-domain queries (they have retrieval
     ground truth) and out-of-domain ones (non-landmark / Ignored queries): where a
     non-landmark threshold would be chosen.
 
     Args:
         root: the GLDv2 root (or its folder), with its retrieval solution file.
-        cv_dir: a :func:`glr.pipeline.cv` output folder with ``emb_test.npz`` / ``emb_index.npz``.
-        path: the picture to write.
+        cv_dir: a :func:`glr.workflows.cv.cv` output folder with ``emb_test.npz`` / ``emb_index.npz``.
+        path: where to save the figure too (format from the suffix).
         scores: :func:`per_query_scores` of this run, to avoid recomputing them.
         bins: histogram bins (shared by both groups).
 
     Returns:
-        ``path`` (a note instead of histograms when no similarity is known).
+        The Figure (a note instead of histograms when no similarity is known).
     """
     if scores is None:
         scores = per_query_scores(root, cv_dir)
     groups = {"in-domain (with ground truth)": [r["top1"] for r in scores if r["in_domain"] and r["top1"] is not None],
               "out-of-domain (no ground truth)": [r["top1"] for r in scores
                                                   if not r["in_domain"] and r["top1"] is not None]}
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig = _new_figure((7, 3.8))
+    ax = fig.subplots()
     values = [v for vs in groups.values() for v in vs]
     if values:
         lo, hi = min(values), max(values)
@@ -168,22 +169,22 @@ def draw_score_distributions(root: GLDv2Root | str | os.PathLike, cv_dir: str | 
     return _save_figure(fig, path)
 
 
-def draw_stage_scores(cv_json: dict[str, Any], path: str | os.PathLike) -> Path:
+def draw_stage_scores(cv_json: dict[str, Any], path: str | os.PathLike | None = None) -> Figure:
     """Horizontal bars of Public / Private mAP@100 (``all`` for protocol 2021) per row of
     :func:`stage_scores`: training stages, the run itself, baselines, then the sweep's
     pipeline (hatched: a step the sweep did not keep).
 
     Args:
-        cv_json: the content of a CV folder's ``cv.json`` (:func:`glr.pipeline.cv`'s result).
-        path: the picture to write.
+        cv_json: the content of a CV folder's ``cv.json`` (:func:`glr.workflows.cv.cv`'s result).
+        path: where to save the figure too (format from the suffix).
 
     Returns:
-        ``path``.
+        The Figure.
     """
     rows = stage_scores(cv_json)
     subsets = [s for s in ("public", "private", "all") if any(r[s] is not None for r in rows)]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.42 * max(1, len(rows)) * max(1, len(subsets))))
+    fig = _new_figure((8.5, 1.2 + 0.42 * max(1, len(rows)) * max(1, len(subsets))))
+    ax = fig.subplots()
     if not subsets:
         _note(ax, "no retrieval scores (the root has no solution file)")
     else:

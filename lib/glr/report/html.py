@@ -9,7 +9,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from glr.data.root import GLDv2Root
 from glr.report.common import _as_root, _cv_files
@@ -111,7 +111,7 @@ def write_report(cv_dir: str | os.PathLike, root: GLDv2Root | str | os.PathLike,
     replaced by a note (and a logged warning); the report is still written.
 
     Args:
-        cv_dir: the output folder of :func:`glr.pipeline.cv` (``cv.json``, ``submission.csv``).
+        cv_dir: the output folder of :func:`glr.workflows.cv.cv` (``cv.json``, ``submission.csv``).
         root: the GLDv2 root the CV ran on (or its folder).
         out_dir: where the report goes (created).
         title: the page title (default: "CV report: <cv_dir name>").
@@ -126,18 +126,54 @@ def write_report(cv_dir: str | os.PathLike, root: GLDv2Root | str | os.PathLike,
         InputError: ``cv_dir`` lacks ``cv.json`` or ``submission.csv``, ``root`` is not a
             GLDv2 root (no ``train.csv``), or a file is malformed; the message names the file.
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     cv_dir, out_dir = Path(cv_dir), Path(out_dir)
     cv_json_path, _ = _cv_files(cv_dir)
     root = _as_root(root)
     cv_json = read_json_object(cv_json_path, "cv.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     title = title if title is not None else f"CV report: {cv_dir.resolve().name}"
-    has_solution = root.solution_path("retrieval") is not None
-    scores = _query_scores(root, cv_dir, top1=True) if has_solution else None
+    scores = _query_scores(root, cv_dir, top1=True) if root.solution_path("retrieval") is not None else None
+    drawn = _draw_figures(_figures(cv_dir, root, cv_json, scores, data), out_dir, progress)
 
-    figures: list[tuple[str, str, str, Any]] = [  # (section, file, caption, draw)
+    body = [f"<h1>{_e(title)}</h1>",
+            f"<p>CV folder <code>{_e(cv_dir)}</code>, dataset root <code>{_e(root.root)}</code> "
+            f"({_e(root.layout)} layout), descriptor {_e(cv_json.get('descriptor', '?'))}, "
+            f"protocol {_e(cv_json.get('protocol', 'v2.1'))}.</p>"]
+    if cv_json.get("val_leak"):
+        body.append("<p class=\"note\">Trained on this root's validation ground truth (allow_val_leak): "
+                    "these figures are not a valid CV.</p>")
+    body += ["<h2>Scores</h2>", f"<pre>{_e(cv_table(cv_json))}</pre>"]
+    if cv_json.get("stages"):
+        body.append(f"<pre>{_e(stages_table(cv_json['stages']))}</pre>")
+    body += drawn.get("scores", [])
+    sweep_md = cv_dir / "sweep.md"
+    if sweep_md.is_file() or "sweep" in drawn:
+        body.append("<h2>Post-processing sweep</h2>")
+        if sweep_md.is_file():
+            body.append(markdown_tables_html(sweep_md.read_text(encoding="utf-8")))
+        body += drawn.get("sweep", [])
+    body += ["<h2>Retrievals</h2>"] + drawn.get("retrievals", [])
+    body += _queries_section(scores, drawn.get("queries", []), out_dir, n_worst)
+    if data:
+        body += ["<h2>The data</h2>"] + drawn.get("data", [])
+    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f"<title>{_e(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+    path = out_dir / "report.html"
+    with atomic_write(path, encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
+#: One picture of the page: (section, file name, caption, draw(path)).
+_Picture = tuple[str, str, str, Callable[[Path], Any]]
+
+
+def _figures(cv_dir: Path, root: GLDv2Root, cv_json: dict[str, Any], scores: list[dict[str, Any]] | None,
+             data: bool) -> list[_Picture]:
+    """The pictures of the page, in page order (``scores`` None: the root has no solution file)."""
+    has_solution = scores is not None
+    figures: list[_Picture] = [
         ("scores", "stage_scores.png", "Retrieval mAP@100 per stage, the run, baselines and the sweep's steps",
          lambda p: draw_stage_scores(cv_json, p)),
         ("retrievals", "retrievals_first.png",
@@ -164,6 +200,14 @@ def write_report(cv_dir: str | os.PathLike, root: GLDv2Root | str | os.PathLike,
             ("data", "landmark_samples.png", "Train images of random landmarks",
              lambda p: draw_landmark_samples(root, p)),
         ]
+    return figures
+
+
+def _draw_figures(figures: Sequence[_Picture], out_dir: Path, progress: bool) -> dict[str, list[str]]:
+    """Draw each picture into ``out_dir``; section -> its HTML (a figure, or a note when the
+    drawing failed: a picture never loses the rest of the report, but bad input still raises)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
     drawn: dict[str, list[str]] = {}
     for section, name, caption, draw in tqdm(figures, desc="report", disable=not progress, leave=False):
         try:
@@ -176,51 +220,30 @@ def write_report(cv_dir: str | os.PathLike, root: GLDv2Root | str | os.PathLike,
         except Exception as e:  # a picture must never lose the rest of the report
             log.warning("report: could not draw %s: %s", name, e)
             drawn.setdefault(section, []).append(f"<p class=\"note\">could not draw {_e(name)}: {_e(e)}</p>")
+    return drawn
 
-    body = [f"<h1>{_e(title)}</h1>",
-            f"<p>CV folder <code>{_e(cv_dir)}</code>, dataset root <code>{_e(root.root)}</code> "
-            f"({_e(root.layout)} layout), descriptor {_e(cv_json.get('descriptor', '?'))}, "
-            f"protocol {_e(cv_json.get('protocol', 'v2.1'))}.</p>"]
-    if cv_json.get("val_leak"):
-        body.append("<p class=\"note\">Trained on this root's validation ground truth (allow_val_leak): "
-                    "these figures are not a valid CV.</p>")
-    body += ["<h2>Scores</h2>", f"<pre>{_e(cv_table(cv_json))}</pre>"]
-    if cv_json.get("stages"):
-        body.append(f"<pre>{_e(stages_table(cv_json['stages']))}</pre>")
-    body += drawn.get("scores", [])
-    sweep_md = cv_dir / "sweep.md"
-    if sweep_md.is_file() or "sweep" in drawn:
-        body.append("<h2>Post-processing sweep</h2>")
-        if sweep_md.is_file():
-            body.append(markdown_tables_html(sweep_md.read_text(encoding="utf-8")))
-        body += drawn.get("sweep", [])
-    body += ["<h2>Retrievals</h2>"] + drawn.get("retrievals", [])
-    body.append("<h2>Queries</h2>")
+
+def _queries_section(scores: list[dict[str, Any]] | None, pictures: list[str], out_dir: Path,
+                     n_worst: int) -> list[str]:
+    """The page's "Queries" section (and ``per_query.csv`` beside it when there are scores)."""
+    body = ["<h2>Queries</h2>"]
     if scores is None:
         body.append(f"<p class=\"note\">no {_e('retrieval_solution_v2.1.csv')} in the root: per-query scores, "
                     "the worst queries and the similarity distributions need the ground truth.</p>")
-    else:
-        _write_per_query_csv(scores, out_dir / "per_query.csv")
-        ind = [r for r in scores if r["in_domain"]]
-        lines = []
-        for s in ("public", "private"):
-            aps = [r["ap"] for r in ind if r["subset"] == s]
-            if aps:
-                lines.append(f"{s.capitalize()}: {len(aps)} queries, mean AP@100 {sum(aps) / len(aps):.4f}, "
-                             f"{sum(a == 0 for a in aps)} with AP 0")
-        lines.append(f"{len(scores) - len(ind)} queries without retrieval ground truth (non-landmark or Ignored)")
-        body.append("<ul>" + "".join(f"<li>{_e(x)}</li>" for x in lines) + "</ul>")
-        body += drawn.get("queries", [])
-        worst = worst_queries(scores, n_worst)
-        body.append(f"<h3>The {len(worst)} in-domain queries with the lowest AP@100</h3>")
-        body.append(_query_table(worst))
-        body.append("<p>Every query: <a href=\"per_query.csv\">per_query.csv</a>.</p>")
-    if data:
-        body += ["<h2>The data</h2>"] + drawn.get("data", [])
-    page = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{_e(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n<body>\n"
-            + "\n".join(body) + "\n</body>\n</html>\n")
-    path = out_dir / "report.html"
-    with atomic_write(path, encoding="utf-8") as f:
-        f.write(page)
-    return path
+        return body
+    _write_per_query_csv(scores, out_dir / "per_query.csv")
+    ind = [r for r in scores if r["in_domain"]]
+    lines = []
+    for s in ("public", "private"):
+        aps = [r["ap"] for r in ind if r["subset"] == s]
+        if aps:
+            lines.append(f"{s.capitalize()}: {len(aps)} queries, mean AP@100 {sum(aps) / len(aps):.4f}, "
+                         f"{sum(a == 0 for a in aps)} with AP 0")
+    lines.append(f"{len(scores) - len(ind)} queries without retrieval ground truth (non-landmark or Ignored)")
+    body.append("<ul>" + "".join(f"<li>{_e(x)}</li>" for x in lines) + "</ul>")
+    body += pictures
+    worst = worst_queries(scores, n_worst)
+    body.append(f"<h3>The {len(worst)} in-domain queries with the lowest AP@100</h3>")
+    body.append(_query_table(worst))
+    body.append("<p>Every query: <a href=\"per_query.csv\">per_query.csv</a>.</p>")
+    return body

@@ -64,7 +64,7 @@ def per_query_scores(root: GLDv2Root | str | os.PathLike, cv_dir: str | os.PathL
 
     Args:
         root: the GLDv2 root the CV ran on (or its folder); needs ``retrieval_solution_v2.1.csv``.
-        cv_dir: the output folder of :func:`glr.pipeline.cv` (``submission.csv``; ``emb_test.npz``
+        cv_dir: the output folder of :func:`glr.workflows.cv.cv` (``submission.csv``; ``emb_test.npz``
             and ``emb_index.npz`` for the similarities).
 
     Returns:

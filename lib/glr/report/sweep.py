@@ -7,27 +7,32 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from glr.eval.sweep import STAGE_NAMES, _figure, sweep_table
 from glr.postprocess.config import write_config
+from glr.report.common import _new_figure, _save_figure
 from glr.utils import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
-def draw_sweep(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+
+def draw_sweep(result: Mapping[str, Any], path: str | os.PathLike | None = None) -> Figure:
     """Two panels: the pipeline's mAP@100 per stage (bars, tuning and held-out subsets), and
-    every setting's tuning-subset mAP@100 per stage (dots)."""
-    import matplotlib  # noqa: PLC0415
+    every setting's tuning-subset mAP@100 per stage (dots). Saved to ``path`` (PNG) when given.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    Returns:
+        The Figure.
+    """
     subsets = ["public", "private"] if result["protocol"] == "v2.1" else ["all"]
     pipe = result["pipeline"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig = _new_figure((12, 4.2))
+    a, b = fig.subplots(1, 2)
     x = np.arange(len(pipe))
     w = 0.8 / len(subsets)
     for j, s in enumerate(subsets):
@@ -48,11 +53,7 @@ def draw_sweep(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     b.set_ylabel(f"mAP@100 {result['tune'].capitalize()} (tuning)")
     b.set_title("every setting")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_sweep(result: Mapping[str, Any], out: str | os.PathLike) -> dict[str, Path]:

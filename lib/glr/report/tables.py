@@ -25,7 +25,7 @@ def cv_table(result: dict[str, Any]) -> str:
     """A fixed-width table of retrieval mAP@100 (and recognition GAP) per descriptor.
 
     Args:
-        result: :func:`glr.pipeline.cv` output, optionally with a ``baselines`` entry
+        result: :func:`glr.workflows.cv.cv` output, optionally with a ``baselines`` entry
             ({kind: {"public": …, "private": …}}).
     """
     rows = [(kind, r) for kind, r in result.get("baselines", {}).items()]
@@ -57,7 +57,7 @@ def stages_table(rows: list[dict[str, Any]]) -> str:
     """Per experiment stage (and the ensemble): training set, image size and CV figures.
 
     Args:
-        rows: dicts with ``name``, ``train_set``, ``image_size`` and a :func:`glr.pipeline.cv`
+        rows: dicts with ``name``, ``train_set``, ``image_size`` and a :func:`glr.workflows.cv.cv`
             result under ``cv`` (or None).
     """
     lines = [f"{'model':34s} {'set@size':>10s} {'mAP@100 pub':>11s} {'mAP@100 priv':>12s} {'GAP pub':>8s} "
