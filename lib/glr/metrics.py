@@ -159,6 +159,29 @@ def read_solution(
     return public, private, ignored
 
 
+def _recognition_entry(tokens: list[str], cell: str, test_id: str, path: str | os.PathLike,
+                       line: int) -> tuple[int, float]:
+    """``(landmark_id, confidence)`` of one recognition cell (spec §3.3), or InputError naming the line."""
+    if len(tokens) != 2:
+        raise InputError(
+            f"prediction of test id {test_id!r} must be 'landmark_id confidence' "
+            f"separated by one space, got {len(tokens)} tokens in {cell!r}", path, line)
+    try:
+        label = int(tokens[0])
+    except ValueError:
+        raise InputError(f"landmark id {tokens[0]!r} of test id {test_id!r} is not an "
+                         f"integer", path, line) from None
+    try:
+        confidence = float(tokens[1])
+    except ValueError:
+        raise InputError(f"confidence {tokens[1]!r} of test id {test_id!r} is not a "
+                         f"number", path, line) from None
+    if math.isnan(confidence):
+        raise InputError(f"confidence of test id {test_id!r} is NaN (it makes the GAP "
+                         f"order undefined)", path, line)
+    return label, confidence
+
+
 def read_predictions(
     path: str | os.PathLike,
     public_ids: Iterable[str],
@@ -214,28 +237,7 @@ def read_predictions(
         tokens = cell.split(" ")
         if not tokens[-1]:
             tokens = tokens[:-1]
-        entry: Prediction
-        if task == "recognition":
-            if len(tokens) != 2:
-                raise InputError(
-                    f"prediction of test id {test_id!r} must be 'landmark_id confidence' "
-                    f"separated by one space, got {len(tokens)} tokens in {cell!r}", path, line)
-            try:
-                label = int(tokens[0])
-            except ValueError:
-                raise InputError(f"landmark id {tokens[0]!r} of test id {test_id!r} is not an "
-                                 f"integer", path, line) from None
-            try:
-                confidence = float(tokens[1])
-            except ValueError:
-                raise InputError(f"confidence {tokens[1]!r} of test id {test_id!r} is not a "
-                                 f"number", path, line) from None
-            if math.isnan(confidence):
-                raise InputError(f"confidence of test id {test_id!r} is NaN (it makes the GAP "
-                                 f"order undefined)", path, line)
-            entry = (label, confidence)
-        else:
-            entry = tokens
+        entry: Prediction = _recognition_entry(tokens, cell, test_id, path, line) if task == "recognition" else tokens
         if test_id in public_set:
             public[test_id] = entry
         elif test_id in private_set:

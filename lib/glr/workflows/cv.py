@@ -182,6 +182,21 @@ def _score_retrieval(run: _Run, sub: Path, q_ids: list[str], db_ids: list[str], 
         result.update(metrics.score("retrieval", sol, sub))
 
 
+def _members(artifact: str | os.PathLike | Sequence[str] | None, member_weights: Sequence[float] | None,
+             kind: str, have_embeddings: bool) -> tuple[list[str], list[float]]:
+    """The artifacts of the ensemble and their weights (1 each by default), checked."""
+    artifacts = [] if artifact is None else [str(artifact)] if isinstance(artifact, (str, os.PathLike)) \
+        else [str(a) for a in artifact]
+    if kind not in KINDS:
+        raise InputError(f"descriptor must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "model" and not artifacts and not have_embeddings:
+        raise InputError("cv with descriptor 'model' needs at least one artifact (or --embeddings)")
+    weights = [1.0] * len(artifacts) if member_weights is None else [float(w) for w in member_weights]
+    if len(weights) != len(artifacts):
+        raise ValueError(f"{len(artifacts)} artifacts but {len(weights)} member weights")
+    return artifacts, weights
+
+
 def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence[str] | None = None,
        kind: str = "model", image_size: int | None = None, batch_size: int = 64, num_workers: int = 2,
        k: int = 100, recognition: bool = True, train_subset: str = "clean",
@@ -216,19 +231,16 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
             ``GLDv2Root.train_ids_labels``).
         member_weights: weight of each artifact's block in the ensemble (default 1 each).
         extra: entries added to ``cv.json`` (the demo's baselines).
-        post: a post-processing config (dict or YAML file, see
-            :mod:`glr.postprocess.steps`) applied before the submission is written.
-        sweep: a sweep grid (dict or YAML file, see :mod:`glr.sweep`): every setting is
+        post: a post-processing config (dict or YAML file, :mod:`glr.postprocess.config`).
+        sweep: a sweep grid (dict or YAML file, see :mod:`glr.eval.sweep`): every setting is
             scored, and the chosen config is then applied (``post`` is the starting point).
         protocol: ``"v2.1"`` (Public / Private) or ``"2021"`` (the seed's: queries with
             ground truth against ``index_list`` expanded with every ground-truth image,
             scored as one set ``all``).
         index_list: file of index ids, one per line (``id`` header allowed), for ``2021``.
         embeddings: folder of an earlier run's ``emb_<split>.npz`` to reuse instead of embedding.
-        tta_flip, tta_scales: test-time augmentation (see :func:`embed_split`).
-        ensemble_mode: ``concat`` or ``sum`` (see :func:`combine_embeddings`).
-        distractors: ``.npz`` embeddings (``save_embeddings`` format) of out-of-domain images
-            for the non-landmark penalty.
+        tta_flip, tta_scales, ensemble_mode: see :class:`glr.predict.TTA`, :func:`glr.predict.embed_ensemble`.
+        distractors: ``.npz`` embeddings of out-of-domain images (the non-landmark penalty).
         cache_dir: where the sweep stores its kNN graphs (default ``out/graph_cache``).
         strict_images: raise :class:`InputError` naming the first unreadable image instead of
             skipping it.
@@ -247,15 +259,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         number of images skipped.
     """
     out = Path(out)
-    artifacts = [] if artifact is None else [str(artifact)] if isinstance(artifact, (str, os.PathLike)) \
-        else [str(a) for a in artifact]
-    if kind not in KINDS:
-        raise InputError(f"descriptor must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "model" and not artifacts and embeddings is None:
-        raise InputError("cv with descriptor 'model' needs at least one artifact (or --embeddings)")
-    weights = [1.0] * len(artifacts) if member_weights is None else [float(w) for w in member_weights]
-    if len(weights) != len(artifacts):
-        raise ValueError(f"{len(artifacts)} artifacts but {len(weights)} member weights")
+    artifacts, weights = _members(artifact, member_weights, kind, embeddings is not None)
     run = _plan(data, post, sweep, k, protocol, index_list, recognition, train_subset)
     leaky: list[str] = []
     if embeddings is not None:
@@ -263,7 +267,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         ok = {s: np.linalg.norm(e, axis=1) > 0 for s, e in emb.items()}  # zero rows: unreadable when embedded
     else:
         emb, ok, leaky = _embed(run, kind, artifacts, weights, image_size, batch_size, num_workers, progress,
-                         TTA(tta_flip, tuple(tta_scales)), ensemble_mode, strict_images)
+                                TTA(tta_flip, tuple(tta_scales)), ensemble_mode, strict_images)
         for s, ids in run.splits.items():
             save_embeddings(out / f"emb_{s}.npz", ids, emb[s])
     out.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,38 @@ def kernel_metadata(kernel_id: str, title: str | None, code_file: str, competiti
             "kernel_sources": [], "model_sources": []}
 
 
+def _check_build(kernel_id: str, weights_dataset: str, wheels_dataset: str | None, settings: Mapping[str, Any],
+                 out: Path, overwrite: bool) -> Path:
+    """The ids, the settings and the kernel folder, checked before anything is written."""
+    _check_id("kernel id", kernel_id)
+    _check_id("weights dataset", weights_dataset)
+    _check_id("wheels dataset", wheels_dataset, required=False)
+    unknown = sorted(set(settings) - set(SETTINGS_DEFAULTS))
+    if unknown:
+        raise InputError(f"unknown kernel setting(s): {', '.join(unknown)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise InputError("kernel folder exists and is not empty (pass --overwrite to rebuild it)", out)
+        if not (out / METADATA).is_file():
+            raise InputError(f"kernel folder holds no {METADATA}: not a previous build, refusing to replace it", out)
+    return out
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished build ``tmp`` at ``out``, replacing a previous build whole (its collected
+    wheels are kept)."""
+    if out.exists() and (out / WHEELS_DIR).is_dir():
+        shutil.move(str(out / WHEELS_DIR), tmp / WHEELS_DIR)
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        os.rmdir(old)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
 def build_kernel(ensemble: str | os.PathLike, out: str | os.PathLike, kernel_id: str, weights_dataset: str,
                  weights_dir: str | os.PathLike = "weights", post: str | os.PathLike | Mapping | None = None,
                  competition: str = "landmark-retrieval-2021", wheels_dataset: str | None = None,
@@ -224,7 +256,7 @@ def build_kernel(ensemble: str | os.PathLike, out: str | os.PathLike, kernel_id:
     """Build ``out`` (``kernels/NAME``): script, metadata, settings and the weights dataset.
 
     Args:
-        ensemble: ensemble YAML (:func:`glr.weights.read_ensemble`); each member's artifact
+        ensemble: ensemble YAML (:func:`glr.model.weights.read_ensemble`); each member's artifact
             is packed into ``out/weights`` and its weight and image size go into the settings.
         out: the kernel folder; must be absent or empty unless ``overwrite`` (then it must be
             a previous build: holding ``kernel-metadata.json``).
@@ -240,18 +272,7 @@ def build_kernel(ensemble: str | os.PathLike, out: str | os.PathLike, kernel_id:
         ``Path(out)``.
     """
 
-    _check_id("kernel id", kernel_id)
-    _check_id("weights dataset", weights_dataset)
-    _check_id("wheels dataset", wheels_dataset, required=False)
-    unknown = sorted(set(settings) - set(SETTINGS_DEFAULTS))
-    if unknown:
-        raise InputError(f"unknown kernel setting(s): {', '.join(unknown)}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise InputError("kernel folder exists and is not empty (pass --overwrite to rebuild it)", out)
-        if not (out / METADATA).is_file():
-            raise InputError(f"kernel folder holds no {METADATA}: not a previous build, refusing to replace it", out)
+    out = _check_build(kernel_id, weights_dataset, wheels_dataset, settings, Path(out), overwrite)
     members = read_ensemble(ensemble, weights_dir)
     config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
     for extra in (countries, train_embeddings):
@@ -284,16 +305,7 @@ def build_kernel(ensemble: str | os.PathLike, out: str | os.PathLike, kernel_id:
         meta = kernel_metadata(kernel_id, title, code_file, competition, datasets, enable_gpu)
         (tmp / METADATA).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         (tmp / SETTINGS_FILE).write_text(json.dumps(s, indent=2) + "\n", encoding="utf-8")
-        if out.exists() and (out / WHEELS_DIR).is_dir():  # a rebuild keeps the collected wheels
-            shutil.move(str(out / WHEELS_DIR), tmp / WHEELS_DIR)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
-            os.rmdir(old)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
