@@ -8,16 +8,6 @@ from typing import Any, Sequence
 from glr.utils import InputError
 
 
-def boolean(x: str) -> bool:
-    """``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case)."""
-    v = x.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {x!r}")
-
-
 def devices(x: str) -> int | str:
     """Lightning's ``devices``: a count, or a name such as ``auto``."""
     return int(x) if x.isdigit() else x
