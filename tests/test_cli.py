@@ -113,3 +113,16 @@ def test_score_runs_without_torch(tmp_path):
     code = (f"from glr.cli import main\nassert main(['score', '--task', 'retrieval', '--solution', {str(sol)!r}, "
             f"'--submission', {str(sub)!r}, '--json']) == 0")
     assert _heavy_modules_after(code) == []
+
+
+def test_cv_checks_its_post_processing_config_and_artifacts_before_any_data(tmp_path, capsys):
+    """A bad post-processing option or a missing artifact is one line, exit 2, before the root is read."""
+    post = _write(tmp_path / "p.yaml", ["postprocess:", "  expansion: {k: three}"])
+    art = tmp_path / "a.pt"
+    art.write_bytes(b"")
+    assert main(["cv", "--data", str(tmp_path / "absent"), "--model", str(art), "--post", str(post)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "p.yaml" in err and "'k'" in err and "three" in err
+    assert main(["cv", "--data", str(tmp_path), "--model", str(art), str(tmp_path / "b.pt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "b.pt" in err and "not found" in err

@@ -97,9 +97,9 @@ def _plan(data: str | os.PathLike, post: Any, sweep: Any, k: int, protocol: str,
           index_list: str | os.PathLike | None, recognition: bool, train_subset: str) -> _Run:
     """The root, the splits under ``protocol`` and the post-processing to apply or sweep; checks
     everything that can be checked before any image is read."""
-    root = GLDv2Root.open(data)
     config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
     grid = read_grid(sweep) if isinstance(sweep, (str, os.PathLike)) else sweep
+    root = GLDv2Root.open(data)
     if grid is not None:
         config["shortlist"] = grid.get("shortlist", config["shortlist"])
     config["k"] = k
@@ -194,6 +194,9 @@ def _members(artifact: str | os.PathLike | Sequence[str] | None, member_weights:
     weights = [1.0] * len(artifacts) if member_weights is None else [float(w) for w in member_weights]
     if len(weights) != len(artifacts):
         raise ValueError(f"{len(artifacts)} artifacts but {len(weights)} member weights")
+    missing = [a for a in artifacts if kind == "model" and not have_embeddings and not Path(a).is_file()]
+    if missing:  # before the first member embeds anything
+        raise InputError("model artifact not found", missing[0])
     return artifacts, weights
 
 
