@@ -29,7 +29,7 @@ EXAMPLES: dict[str, str] = {
     "weights": "glr weights pack --ensemble configs/ensembles/seed_plus_henkel.yaml --out runs/pack --id me/glr-weights",
     "cv": "glr cv --data runs/demo/data --ensemble submission/ensemble.yaml --sweep default --out runs/cv",
     "score": "glr score --task retrieval --solution retrieval_solution_v2.1.csv --submission submission.csv",
-    "demo": "glr demo            # synth → train → CV → report → kernel, about 15 min on 2 CPU cores",
+    "demo": "glr demo            # synth → train → CV → report → kernel, about 23 min on 2 CPU cores",
     "embed": "glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split index --out emb_index.npz "
              "--devices 4 --strategy ddp\n"
              "  glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split train --out emb_train --shards "
