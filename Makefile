@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP)
+	$(PY) bench/bench_startup.py
 	$(PY) bench/bench_search.py
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_postprocess.py

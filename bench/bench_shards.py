@@ -2,7 +2,7 @@
 
     python bench/bench_shards.py [--nq 10000] [--ndb 100000] [--dim 512] [--shard-size 10000]
 
-Writes ``--ndb`` clustered unit vectors as a float16 store (:mod:`glr.shards`) and the
+Writes ``--ndb`` clustered unit vectors as a float16 store (:mod:`glr.embeddings.store`) and the
 queries beside it, then runs each job in a fresh process so that each peak RSS is its own:
 
 * ``memory``:   the whole database loaded (``to_array``), then ``knn(q, db, 100)``;

@@ -3,7 +3,7 @@
     python bench/bench_train_step.py [--backbone efficientnet_lite0] [--image-size 128]
         [--batch-size 32] [--steps 20] [--warmup 3] [--device auto] [--precision 32-true]
 
-Both sides train a :class:`glr.training.LandmarkModule` built from the same initial weights, on a
+Both sides train a :class:`glr.train.module.LandmarkModule` built from the same initial weights, on a
 DataLoader that yields one pre-built batch over and over (no augmentation, no IO), with the
 module's own AdamW groups and per-step LambdaLR schedule (``configure_optimizers``; the plain
 loop attaches a stand-in trainer for ``estimated_stepping_batches``). A plain step is: fetch

@@ -39,7 +39,7 @@ from glr.cli import main
 pytestmark = pytest.mark.slow
 
 THREADS = 2  # intra-op threads of both runs: the thread count changes the trained weights
-EXPERIMENTS = ("quick_resnet", "quick_effnet")  # glr.pipeline.QUICK_EXPERIMENTS, training order
+EXPERIMENTS = ("quick_resnet", "quick_effnet")  # glr.workflows.demo.QUICK_EXPERIMENTS, training order
 STAGES = ("s1", "s2")
 #: cv.json keys left out of the comparison: wall-clock durations (``seconds`` of the sweep,
 #: of spatial verification and of each kernel run; ``timing``/``projected_seconds`` of a

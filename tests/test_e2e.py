@@ -24,7 +24,7 @@ def _write_csv(path, header, rows):
 
 
 def _foreign_root(root, n_landmarks=6, seed=0):
-    """A GLDv2-format root written without glr.synth: one colour/shape per landmark, index
+    """A GLDv2-format root written without glr.data.synth: one colour/shape per landmark, index
     landmark ids in a numbering of their own (index id = 1000 + 7·train id), digit-only ids."""
     rng = random.Random(seed)
     used = set()

@@ -1,4 +1,4 @@
-"""Tests for glr.geo: the shipped country → continent table and the landmark readers."""
+"""Tests for glr.data.geo: the shipped country → continent table and the landmark readers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for glr.samplers: stream statistics, P×K structure, rank sharding, epochs, factory."""
+"""Tests for glr.train.samplers: stream statistics, P×K structure, rank sharding, epochs, factory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""glr.synth: file set, ids, determinism and the dataset properties it must pose."""
+"""glr.data.synth: file set, ids, determinism and the dataset properties it must pose."""
 
 from __future__ import annotations
 

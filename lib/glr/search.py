@@ -12,8 +12,8 @@ running top-k that is merged with the top-k of every database chunk, as faiss
 ``contrib/exhaustive_search.py::knn_ground_truth`` does. Default chunk sizes keep one
 chunk's similarity block (and the temporaries of its top-k) under about 256 MB.
 
-Either side may also be a lazy row source (:class:`glr.shards.ShardedEmbeddings`, a sharded
-store on disk, or :class:`glr.shards.ArrayRows` / :class:`~glr.shards.ConcatRows`): the database
+Either side may also be a lazy row source (:class:`glr.embeddings.store.ShardedEmbeddings`, a sharded
+store on disk, or :class:`glr.arrays.ArrayRows` / :class:`~glr.arrays.ConcatRows`): the database
 is then read one shard at a time, each searched by every query block with the backend above,
 and the per-shard top-k merged, so only one shard is in memory (rows flagged not ``ok``, the
 unreadable images, are never returned).

@@ -1,5 +1,5 @@
 """revisitop's ``compute_ap`` / ``compute_map`` (filipradenovic/revisitop, python/evaluate.py, MIT
-licence), transcribed as the oracle for ``glr.revisitop``; ``np.in1d`` (gone in NumPy 2.4) is
+licence), transcribed as the oracle for ``glr.eval.revisitop``; ``np.in1d`` (gone in NumPy 2.4) is
 replaced by ``np.isin`` on the flattened array, as GLDV2_SPEC.md section 6 says. Test-only code."""
 
 import numpy as np

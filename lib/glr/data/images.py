@@ -55,7 +55,7 @@ def make_transforms(
 
 
 def transforms_from_config(config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform described by a :meth:`glr.training.GLDv2DataModule.data_config` dict."""
+    """The eval transform described by a :meth:`glr.train.datamodule.GLDv2DataModule.data_config` dict."""
     return make_transforms(int(config["image_size"]), train=False, mean=config["mean"], std=config["std"])
 
 
@@ -123,7 +123,7 @@ class ImageDataset(Dataset):
 
 
 class SafeImages(Dataset):
-    """An :class:`~glr.data.ImageDataset` whose unreadable images do not raise.
+    """An :class:`~glr.data.images.ImageDataset` whose unreadable images do not raise.
 
     A failed item is a zero image with ``ok=False`` and the error message. The DDP export
     lets every rank finish its share and reports failures once, after the merge (an

@@ -31,7 +31,7 @@ def default_device() -> torch.device:
 
 
 class PooledFeatures(nn.Module):
-    """Wraps an :class:`~glr.model.EmbeddingNet` to output L2-normalised GeM-pooled backbone
+    """Wraps an :class:`~glr.model.net.EmbeddingNet` to output L2-normalised GeM-pooled backbone
     features (the "ImageNet weights + GeM, no training" descriptor); (B, 3, H, W) → (B, F)."""
 
     def __init__(self, net: nn.Module):

@@ -235,7 +235,7 @@ def _scan(path: Path, manifest: Mapping[str, Any], ids: Sequence[str]) -> dict[s
 
 
 def open_embeddings(path: str | os.PathLike) -> tuple[list[str], Any]:
-    """``(ids, rows)`` from an ``.npz`` (:func:`glr.embeddings.save_embeddings`; rows an array)
+    """``(ids, rows)`` from an ``.npz`` (:func:`glr.embeddings.npz.save_embeddings`; rows an array)
     or a store folder (rows a :class:`ShardedEmbeddings`)."""
     path = Path(path)
     if path.is_dir():

@@ -27,10 +27,10 @@ def save_artifact(path: str | os.PathLike, net: EmbeddingNet, data_config: dict[
     Args:
         path: target ``.pt`` file.
         net: the trained network (its ``model_args`` rebuild it; the weights are inside).
-        data_config: at least ``image_size``, ``mean``, ``std`` (see ``glr.training.GLDv2DataModule.data_config``).
+        data_config: at least ``image_size``, ``mean``, ``std`` (see ``glr.train.datamodule.GLDv2DataModule.data_config``).
         meta: free-form provenance (experiment id, epochs, figures).
         head: optionally the margin head (class centres); a later stage copies its rows
-            for the classes it keeps (:func:`glr.heads.expand_head_state`).
+            for the classes it keeps (:func:`glr.model.heads.expand_head_state`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

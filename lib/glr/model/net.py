@@ -1,9 +1,9 @@
-"""Embedding network and self-describing artifacts (the training side is in :mod:`glr.training`).
+"""The embedding network (the training side is in :mod:`glr.train`; artifacts in :mod:`glr.model.artifact`).
 
 Architecture (the shape every top GLDv2 solution shares, e.g. Henkel & Singer 2021,
 Zhang et al. 2021): timm backbone (``num_classes=0, global_pool=''``) → GeM pooling with a
 learnable exponent (Radenović et al., TPAMI 2018) → Linear → BatchNorm1d → L2-normalised
-512-d embedding, trained with a margin head of :mod:`glr.heads` (ArcFace, sub-center
+512-d embedding, trained with a margin head of :mod:`glr.model.heads` (ArcFace, sub-center
 ArcFace with dynamic margins, CosFace).
 
 Re-ID switches (Luo et al., "Bag of Tricks", CVPRW 2019): ``last_stride`` (ResNet family:
@@ -11,7 +11,7 @@ the last stage keeps its input resolution, doubling the feature map) and ``bnnec
 neck's BatchNorm has no bias, so the classifier's hyperplanes pass through the origin).
 
 The network (:class:`EmbeddingNet`) is a plain ``nn.Module`` injected into
-:class:`glr.training.LandmarkModule`, which owns the head, the loss and the optimiser. An artifact
+:class:`glr.train.module.LandmarkModule`, which owns the head, the loss and the optimiser. An artifact
 (:func:`save_artifact`) stores the network's weights with its constructor arguments and the
 data config, so :func:`load_artifact` rebuilds it with no training config.
 """

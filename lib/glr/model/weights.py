@@ -1,7 +1,7 @@
 """Trained artifacts as a catalogue: per-experiment manifests, ensembles, Kaggle dataset packs.
 
 An experiment (``exp010_lite0``) is a sequence of stages (``s1`` clean@384 → ``s2`` c2x@384 →
-``s3`` full@512), each producing one artifact (:func:`glr.model.save_artifact`). Its folder
+``s3`` full@512), each producing one artifact (:func:`glr.model.artifact.save_artifact`). Its folder
 ``weights/<experiment>/`` holds the stage artifacts and a ``manifest.json``::
 
     {"experiment": "exp010_lite0",

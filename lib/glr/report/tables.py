@@ -73,7 +73,7 @@ def stages_table(rows: list[dict[str, Any]]) -> str:
 
 
 def ablation_table(report: dict[str, Any]) -> str:
-    """Markdown tables of :func:`glr.experiment.ablate` (retrieval mAP@100, validation =
+    """Markdown tables of :func:`glr.workflows.experiment.ablate` (retrieval mAP@100, validation =
     Public, and Private)."""
     titles = {"2": "Table 2: re-ID tricks (cumulative)", "3": "Table 3: samplers"}
     out = []

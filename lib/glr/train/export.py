@@ -124,7 +124,7 @@ def export_embeddings(artifact: str | os.PathLike, root: str | os.PathLike, spli
     local ranks, so call this from a script or ``glr embed``, not from an interactive session.
 
     Args:
-        artifact: model artifact (:func:`glr.model.save_artifact`).
+        artifact: model artifact (:func:`glr.model.artifact.save_artifact`).
         root: GLDv2-format root.
         split: ``train`` (clean subset), ``index`` or ``test``.
         out: the ``.npz`` to write (ids + (N, D) float32, L2-normalised rows).

@@ -119,7 +119,7 @@ def _trainer(cfg: TrainConfig, out: Path, cuda: bool, progress: bool) -> pl.Trai
 
 def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True, config: TrainConfig | None = None,
           **options: Any) -> Path:
-    """Train one stage: an :class:`~glr.model.EmbeddingNet` with a margin head.
+    """Train one stage: an :class:`~glr.model.net.EmbeddingNet` with a margin head.
 
     Args:
         root: GLDv2-format root.

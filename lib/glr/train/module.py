@@ -1,5 +1,5 @@
 """The Lightning side of training: :class:`LandmarkModule` (head, loss, optimiser around an
-injected :class:`~glr.model.EmbeddingNet`) and :class:`GLDv2DataModule` (training sets,
+injected :class:`~glr.model.net.EmbeddingNet`) and :class:`GLDv2DataModule` (training sets,
 samplers, loaders).
 
 Kept apart from :mod:`glr.model` and :mod:`glr.data` so that inference (the Kaggle kernel

@@ -75,7 +75,7 @@ def demo(data: str | os.PathLike | None = None, out: str | os.PathLike = "submis
             :data:`DEMO_EXPERIMENTS`, or :data:`QUICK_EXPERIMENTS` with ``quick``). Every stage's
             options are checked before any data is written or read.
         weights: weights folder (default ``work/weights``).
-        sweep: the post-processing grid swept on the ensemble's CV (True: :data:`glr.sweep.DEFAULT_GRID`;
+        sweep: the post-processing grid swept on the ensemble's CV (True: :data:`glr.eval.sweep.DEFAULT_GRID`;
             None/False: plain kNN); the chosen chain writes the submission and ``postprocess.yaml``.
         kernel: where to build the ensemble's Kaggle kernel (:func:`glr.kaggle.kernel.build.build_kernel`),
             which is then run in a simulated ``/kaggle`` in both mount layouts and compared with
