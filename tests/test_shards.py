@@ -320,6 +320,39 @@ def test_glr_search_over_stores_equals_the_in_memory_search(tiny, reference, tmp
     assert out.read_bytes() == before
 
 
+def test_glr_search_runs_the_post_processing_chain_of_glr_cv(tiny, reference, tmp_path, capsys):
+    """``glr search --post`` on .npz embeddings is the chain ``glr cv`` and the kernel run (``glr.predict.rank``);
+    a store index takes joint αQE+DBA only and says so in one line."""
+    from glr.embeddings.npz import save_embeddings
+    from glr.postprocess.chain import retrieve
+    from glr.submission import read_submission, retrieval_rows
+
+    index = tmp_path / "emb_index"
+    embed_to_shards(tiny["art"], tiny["root"], "index", index, shard_size=5, dtype="float32", batch_size=4,
+                    num_workers=0, progress=False)
+    q_store, db_store = ShardedEmbeddings.open(reference["path"]), ShardedEmbeddings.open(index)
+    q, db = q_store.to_array(), db_store.to_array()
+    save_embeddings(tmp_path / "q.npz", q_store.ids, q)
+    save_embeddings(tmp_path / "db.npz", db_store.ids, db)
+    post = tmp_path / "post.yaml"
+    post.write_text("postprocess:\n  expansion: {form: joint, k: 2, alpha: 3.0}\n  kreciprocal: {k1: 4, k2: 2, lambda: 0.3}\n")
+    out = tmp_path / "sub.csv"
+    assert main(["search", "--query", str(tmp_path / "q.npz"), "--index", str(tmp_path / "db.npz"), "--out", str(out),
+                 "--k", "5", "--post", str(post)]) == 0
+    config = {"expansion": {"form": "joint", "k": 2, "alpha": 3.0}, "kreciprocal": {"k1": 4, "k2": 2, "lambda": 0.3},
+              "k": 5}
+    want = retrieval_rows(q_store.ids, db_store.ids, retrieve(q, db, config)[1])
+    assert read_submission(out, "retrieval") == want
+    plain = retrieval_rows(q_store.ids, db_store.ids, knn(q, db, 5)[1])
+    assert want != plain  # the chain really changed the ranking
+    capsys.readouterr()
+    assert main(["search", "--query", str(tmp_path / "q.npz"), "--index", str(index), "--out", str(out),
+                 "--post", str(post)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "kreciprocal needs the embeddings in memory" in err
+    assert read_submission(out, "retrieval") == want  # the earlier submission is whole
+
+
 def test_glr_search_gives_unreadable_queries_empty_rows(tiny, tmp_path):
     import shutil
 

@@ -124,6 +124,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     se.add_argument("--k", type=int, default=100, help="images per query")
     se.add_argument("--qe-dba", nargs=2, type=float, metavar=("K", "ALPHA"),
                     help="joint αQE+DBA with K neighbours and exponent ALPHA before the search")
+    se.add_argument("--post", metavar="YAML", help="post-processing config (glr cv's postprocess.yaml): the whole chain "
+                    "for .npz embeddings; a store index takes joint αQE+DBA only")
     se.add_argument("--work", help="folder for the expanded index store (default OUT.work)")
     se.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch", "numpy"])
     se.set_defaults(func=run_search)
@@ -178,11 +180,13 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    from glr.postprocess.config import read_config
     from glr.predict import search_embeddings
 
     expansion = (int(args.qe_dba[0]), float(args.qe_dba[1])) if args.qe_dba else None
+    post = read_config(args.post) if args.post else None
     res = search_embeddings(args.query, args.index, args.out, k=args.k, expansion=expansion,
-                            work=args.work, backend=args.backend)
+                            work=args.work, backend=args.backend, post=post)
     print(f"{res['out']}: {res['queries']} queries against {res['index']} index images in {res['seconds']} s; "
           f"{res['unreadable_queries']} unreadable queries (empty rows), {res['unreadable_index']} unreadable "
           "index images (never returned)")
