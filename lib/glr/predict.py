@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from glr.arrays import is_rows
-from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, make_transforms
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, transforms_from_config
 from glr.data.root import GLDv2Root
 from glr.embeddings.extract import PooledFeatures, default_device, embed_images
 from glr.embeddings.sharded import extract_shards
@@ -80,8 +80,8 @@ class Member:
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
         """The eval transform of this member: resize to :attr:`size`, its own mean and std."""
-        return make_transforms(self.size, train=False, mean=self.data_config.get("mean") or IMAGENET_MEAN,
-                               std=self.data_config.get("std") or IMAGENET_STD)
+        return transforms_from_config({"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **self.data_config,
+                                       "image_size": self.size})
 
     @property
     def val_leak(self) -> bool:

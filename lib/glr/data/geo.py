@@ -35,7 +35,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
-from glr.data.readers import _csv_rows, _parse_landmark
+from glr.data.readers import landmark_rows
 from glr.utils import InputError
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,8 @@ def read_landmark_countries(path: str | os.PathLike) -> dict[int, str]:
     """
     path = Path(path)
     out: dict[int, str] = {}
-    lines: dict[int, int] = {}
-    for line, row, cols in _csv_rows(path, ("landmark_id", "country")):
-        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
-        if landmark in lines:
-            raise InputError(f"duplicate landmark id {landmark} (first on line {lines[landmark]})", path, line)
-        lines[landmark] = line
-        cell = row[cols["country"]].strip()
+    for line, landmark, cell in landmark_rows(path, "country"):
+        cell = cell.strip()
         if not cell:
             continue
         code = cell.upper()

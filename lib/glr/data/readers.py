@@ -155,6 +155,19 @@ def read_image_to_landmark(path: str | os.PathLike) -> dict[str, int]:
     return dict(_read_id_landmark(path))
 
 
+def landmark_rows(path: str | os.PathLike, column: str) -> Iterator[tuple[int, int, str]]:
+    """``(line, landmark_id, cell of column)`` of a per-landmark table (one row per landmark):
+    a bad or repeated landmark id raises :class:`InputError` naming the file and line."""
+    path = Path(path)
+    lines: dict[int, int] = {}
+    for line, row, cols in _csv_rows(path, ("landmark_id", column)):
+        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
+        if landmark in lines:
+            raise InputError(f"duplicate landmark id {landmark} (first on line {lines[landmark]})", path, line)
+        lines[landmark] = line
+        yield line, landmark, row[cols[column]]
+
+
 def read_train_clean(path: str | os.PathLike) -> dict[int, list[str]]:
     """Read ``train_clean.csv`` (``landmark_id,images``; images space-separated).
 
@@ -167,14 +180,9 @@ def read_train_clean(path: str | os.PathLike) -> dict[int, list[str]]:
     """
     path = Path(path)
     out: dict[int, list[str]] = {}
-    lines: dict[int, int] = {}
     owner: dict[str, int] = {}
-    for line, row, cols in _csv_rows(path, ("landmark_id", "images")):
-        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
-        if landmark in lines:
-            raise InputError(f"duplicate landmark id {landmark} (first on line {lines[landmark]})", path, line)
-        lines[landmark] = line
-        ids = row[cols["images"]].split()
+    for line, landmark, cell in landmark_rows(path, "images"):
+        ids = cell.split()
         for image_id in ids:
             _check_id(image_id, path, line)
             prev = owner.setdefault(image_id, landmark)
@@ -204,13 +212,8 @@ def read_label_table(path: str | os.PathLike, column: str = "category") -> dict[
     """
     path = Path(path)
     out: dict[int, str] = {}
-    lines: dict[int, int] = {}
-    for line, row, cols in _csv_rows(path, ("landmark_id", column)):
-        landmark = _parse_landmark(row[cols["landmark_id"]], path, line)
-        if landmark in lines:
-            raise InputError(f"duplicate landmark id {landmark} (first on line {lines[landmark]})", path, line)
-        lines[landmark] = line
-        out[landmark] = row[cols[column]]
+    for _, landmark, cell in landmark_rows(path, column):
+        out[landmark] = cell
     return out
 
 
