@@ -4,9 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench clean
+.PHONY: venv demo test test-fast bench dist clean
 
-$(STAMP): requirements.txt pyproject.toml
+# the lock, then glr itself (editable, its declared dependencies already pinned by the lock)
+$(STAMP): requirements.txt pyproject.toml lib/glr/__init__.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
@@ -34,5 +35,12 @@ bench: $(STAMP)
 	$(PY) bench/bench_postprocess.py
 	$(PY) bench/bench_kreciprocal.py
 
+## the wheel a user installs (pip install dist/glr-*.whl[train,kaggle,report]); built from the working tree
+dist: $(STAMP)
+	rm -rf build dist
+	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w dist .
+	rm -rf build
+	@ls dist/glr-*.whl
+
 clean:
-	rm -rf runs submission/*.csv submission/*.json submission/*.png
+	rm -rf runs build dist submission/*.csv submission/*.json submission/*.png

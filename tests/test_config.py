@@ -221,7 +221,7 @@ def test_print_config_prints_the_coerced_options_as_yaml(tmp_path, capsys):
     assert out["experiment"] == "c" and [s["stage"] for s in out["stages"]] == ["s1", "s2"]
     s1, s2 = out["stages"]
     assert s1["lr"] == 1e-3 and s1["epochs"] == 2 and s2["lr"] == 5e-4 and s2["epochs"] == TRAIN_DEFAULTS["epochs"]
-    assert s1["init_from"] is None and s2["init_from"] == str(tmp_path / "w" / "c" / "s1.pt")
+    assert s1["init_from"] is None and s2["init_from"] == str(tmp_path / "w" / "c" / "s1.safetensors")
     assert s1["num_workers"] == s2["num_workers"] == 0
     assert not (tmp_path / "w").exists()
 
@@ -237,7 +237,7 @@ def test_a_float_without_a_dot_in_yaml_trains(root, tmp_path, capsys):
     assert yaml.safe_load(cfg.read_text())["lr"] == "1e-3"
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "run"), "--config", str(cfg),
                  "--set", "warmup_frac=0"]) == 0
-    meta = read_artifact(tmp_path / "run" / "model.pt")["meta"]
+    meta = read_artifact(tmp_path / "run" / "model.safetensors")["meta"]
     assert meta["options"]["lr"] == 1e-3 and isinstance(meta["options"]["lr"], float)
     assert meta["options"]["weight_decay"] == 1e-5 and meta["options"]["warmup_frac"] == 0
     assert set(meta["options"]) == set(TRAIN_DEFAULTS) - {"init_from"}

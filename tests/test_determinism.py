@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from glr.cli import main
+from glr.model.artifact import ARTIFACT_SUFFIX, read_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +91,8 @@ def _weight_differences(a: Path, b: Path) -> list[str]:
     out = []
     for exp in EXPERIMENTS:
         for stage in STAGES:
-            pa = torch.load(a / "work" / "weights" / exp / f"{stage}.pt", map_location="cpu", weights_only=False)
-            pb = torch.load(b / "work" / "weights" / exp / f"{stage}.pt", map_location="cpu", weights_only=False)
+            pa = read_artifact(a / "work" / "weights" / exp / f"{stage}{ARTIFACT_SUFFIX}")
+            pb = read_artifact(b / "work" / "weights" / exp / f"{stage}{ARTIFACT_SUFFIX}")
             for key in ("state_dict", "head_state_dict"):
                 sa, sb = pa.get(key) or {}, pb.get(key) or {}
                 assert sa.keys() == sb.keys(), f"{exp} {stage} {key}: different tensors"

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from glr import metrics
 from glr.cli import main
 from glr.submission import validate_submission_file
+from glr.utils import file_sha256
 
 pytestmark = pytest.mark.slow
 
@@ -203,7 +204,8 @@ def test_train_with_validation_split_and_stage_two(tmp_path):
     a2 = train(data, tmp_path / "s2", backbone="test_resnet", init_from=str(a1), image_size=40, epochs=1,
                batch_size=8, train_set="full", lr=0.0, num_workers=0, progress=False)
     net2, dc2, meta2 = load_artifact(a2)
-    assert dc2["image_size"] == 40 and meta2["init_from"] == str(a1) and dc2["train_set"] == "full"
+    assert dc2["image_size"] == 40 and dc2["train_set"] == "full"
+    assert meta2["init_from"] == {"file": a1.name, "sha256": file_sha256(a1)}  # the parent, without its path
     w1, w2 = net1.backbone.state_dict(), net2.backbone.state_dict()
     assert all(torch.equal(w1[k], w2[k]) for k in w1 if "running" not in k and "num_batches" not in k)
 

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
@@ -211,6 +212,7 @@ def test_wheels_are_collected_offline_and_installed_by_the_kernel(tmp_path, monk
         collect_wheels(tmp_path / "w2", "me/glr-test-wheels", ["nosuchpkg-glr"], find_links=[src], no_index=True)
     assert not (tmp_path / "w2").exists()
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the kernel installs the wheels
     assert runtime.ensure_modules([name], None) == [name]  # no wheels dataset: reported missing
     assert runtime.ensure_modules([name], out) == []
     import importlib
@@ -302,3 +304,56 @@ def test_images_are_listed_in_the_roots_order_when_it_has_one(built, tmp_path):
     listed, misplaced = runtime.list_images(root, "test")
     assert listed == sorted(gld.test_ids()) and misplaced == 1  # no listing: sorted; misplaced files skipped
     assert runtime.list_images(root, "index") == ([], 0)
+
+
+# --------------------------------------------------------------------------- glr kernel run: status, exit, leftovers
+def test_kernel_run_reports_a_fallback_exits_with_the_kernels_status_and_leaves_nothing(built, tmp_path, monkeypatch,
+                                                                                        capsys):
+    tmp = tmp_path / "tmp"  # this process's and (without the fix) the kernel's temporary folder
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    args = ["kernel", "run", "--data", str(built["root"]), "--kernel", str(built["kernel"]), "--layout", "classic",
+            "--set", 'members=[{"file": "gone.pt"}]', "--keep", str(tmp_path / "keep")]
+    assert main(args) == 1  # the kernel's own exit status: a commit run that failed
+    out = capsys.readouterr().out
+    assert "classic  exit 1, status fallback" in out
+    assert "the fallback submission is the output: FileNotFoundError" in out and "weights dataset not found" in out
+    assert "parity: not checked" in out and "DIFFERENT" not in out
+    validate_submission_file(tmp_path / "keep" / "classic" / "submission.csv", "retrieval",
+                             expected_ids=GLDv2Root.open(built["root"]).test_ids())
+    assert main([*args, "--rerun"]) == 0  # the hidden run scores the fallback: the kernel exits 0, and so do we
+    out = capsys.readouterr().out
+    assert "classic  exit 0, status fallback" in out and "parity: not checked" in out
+    assert list(tmp.iterdir()) == []  # no glr_kaggle_*, glr_kernel_* (the unpacked bundle) or glr_wheels_* left
+
+
+@pytest.mark.slow
+def test_the_kernel_runs_the_packed_timm_when_the_images_differs(built, tmp_path):
+    """A real timm wheel (this environment's timm, re-versioned so that it differs from the image's)
+    in the wheels dataset: the kernel installs it, imports it from there, and the submission
+    still equals the library's."""
+    import importlib.metadata
+
+    import timm
+
+    version = f"{timm.__version__}.post7"
+    kernel = tmp_path / "kernel"
+    shutil.copytree(built["kernel"], kernel, symlinks=True)
+    (kernel / "wheels").mkdir()
+    dist = importlib.metadata.distribution("timm")
+    info = f"timm-{version}.dist-info"
+    with zipfile.ZipFile(kernel / "wheels" / f"timm-{version}-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as z:
+        for f in dist.files:
+            if f.parts[0] != "timm" or f.suffix == ".pyc":
+                continue
+            data = dist.locate_file(f).read_bytes()
+            z.writestr(f.as_posix(), f"__version__ = '{version}'\n" if f.as_posix() == "timm/version.py" else data)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: timm\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    result = run_local(built["root"], kernel, layouts=["classic"], stream=False, progress=False)
+    run = result["runs"]["classic"]
+    assert run["returncode"] == 0 and run["status"] == "ok", run["log_tail"]
+    assert run["report"]["environment"]["libraries"]["timm"] == version
+    assert result["parity"]["identical"], result["parity"]

@@ -22,7 +22,7 @@ from glr.model.artifact import read_artifact, save_artifact
 from glr.train.datamodule import GLDv2DataModule
 from glr.train.module import LandmarkModule
 from glr.data.synth import make_synthetic_gldv2
-from glr.utils import InputError
+from glr.utils import InputError, file_sha256
 
 TINY = dict(backbone="test_resnet", pretrained=None, image_size=32, epochs=1, batch_size=8, num_workers=0,
             log_every_n_steps=1)
@@ -202,7 +202,8 @@ def test_stage_two_starts_from_stage_one_weights_with_a_fresh_schedule_and_grown
     # a fresh schedule with the new stage's settings: warm-up from lr/warm, peak at 0.004
     assert lr2[0] < 0.004 and max(lr2) == pytest.approx(0.004, rel=1e-6) and lr2[0] < lr2[1]
     p1, p2 = read_artifact(a1), read_artifact(a2)
-    assert p2["data_config"]["image_size"] == 40 and p2["meta"]["init_from"] == str(a1)
+    assert p2["data_config"]["image_size"] == 40
+    assert p2["meta"]["init_from"] == {"file": a1.name, "sha256": file_sha256(a1)}  # the parent, without its path
     # the class set grew; known classes were copied into the new head before training
     m1 = {int(k): v for k, v in p1["data_config"]["label_map"].items()}
     m2 = {int(k): v for k, v in p2["data_config"]["label_map"].items()}
@@ -274,9 +275,17 @@ def test_run_experiment_writes_manifest_and_resumes(root, tmp_path, capsys):
         ("s1", "clean", 32), ("s2", "c2x", 40)]
     assert all(0 <= e["cv"]["map@100/public"] <= 1 and 0 <= e["cv"]["map@100/private"] <= 1
                for e in manifest["stages"])
-    assert read_artifact(tmp_path / "w" / "exp_t" / "s2.pt")["meta"]["init_from"].endswith("s1.pt")
+    s2_meta = read_artifact(tmp_path / "w" / "exp_t" / "s2.safetensors")["meta"]  # the parent by name and hash
+    assert s2_meta["init_from"] == {"file": "s1.safetensors",
+                                  "sha256": file_sha256(tmp_path / "w" / "exp_t" / "s1.safetensors")}
     printed = capsys.readouterr().out
     assert printed.count("mAP@100") == 2
+    for e in manifest["stages"]:  # each stage's CV also went to its logger, at the final step; no checkpoint left
+        run = tmp_path / "runs" / "exp_t" / e["stage"]
+        logged = [r for r in _rows(run / "logs" / "version_0" / "metrics.csv") if r.get("cv/public/map@100")]
+        assert len(logged) == 1 and float(logged[0]["cv/public/map@100"]) == pytest.approx(e["cv"]["map@100/public"])
+        assert float(logged[0]["cv/private/map@100"]) == pytest.approx(e["cv"]["map@100/private"])
+        assert not (run / "checkpoints").exists()
     # a second run finds both stages in the manifest and trains nothing
     again = run_experiment(cfg, root, runs=tmp_path / "runs", weights=tmp_path / "w", progress=False)
     assert all(r["skipped"] for r in again)
@@ -332,7 +341,7 @@ def test_two_process_ddp_training_with_the_continent_sampler(root, tmp_path):
            "--log-every-n-steps", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    p = read_artifact(out / "model.pt")
+    p = read_artifact(out / "model.safetensors")
     assert p["meta"]["n_train"] > 0
     # each rank drew its own half of one sampler stream: steps per epoch = ceil(n / 2) / batch
     rows = _rows(next((out / "logs").rglob("metrics.csv")))

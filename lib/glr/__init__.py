@@ -25,6 +25,8 @@ would be shadowed as soon as the package is imported).
 import importlib as _importlib
 from typing import Any as _Any
 
+#: The one place the version is written: pyproject.toml reads it (``[tool.setuptools.dynamic]``), ``glr --version``
+#: prints the installed distribution's (the same string once installed).
 __version__ = "0.1.0"
 
 #: Facade name -> (module, attribute; None: the module itself).

@@ -41,6 +41,8 @@ MAX_PREDICTIONS = 100
 #: The ranks k reported as mean precision@k by :func:`score` (as the official script).
 PRECISION_RANKS = (1, 5, 10, 50, 100)
 USAGES = ("Public", "Private", "Ignored")
+#: The header line of each task's submission file (the official reader skips line 1 unread).
+HEADERS = {"retrieval": ("id", "images"), "recognition": ("id", "landmarks")}
 
 #: A prediction as read from a submission: ``(landmark_id, confidence)`` for recognition,
 #: the ranked index ids for retrieval.
@@ -97,6 +99,47 @@ def _data_records(path: str | os.PathLike) -> list[tuple[int, list[str]]]:
 
 
 # --------------------------------------------------------------------------- readers
+def submission_warnings(path: str | os.PathLike, task: str) -> list[str]:
+    """What in a submission file the official reader scores silently: a line 1 that is not the
+    header (it is skipped whatever it holds, so a prediction there goes unscored) and a file
+    without rows (every query scores 0). Reads only up to the first data row.
+
+    Returns:
+        One message per problem (no file name; ``[]`` for a sound file). The scores
+        themselves are :func:`score`'s, unchanged.
+
+    Raises:
+        InputError: the file cannot be read, or is not UTF-8 CSV.
+    """
+    _check_task(task)
+    header, first_row = None, None
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            for row in csv.reader(f):
+                if header is None:
+                    header = row
+                elif row:
+                    first_row = row
+                    break
+    except OSError as e:
+        raise InputError(f"cannot read file ({e.strerror or e})", path) from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"not UTF-8 text: {e}", path) from None
+    except csv.Error as e:
+        raise InputError(f"malformed CSV: {e}", path) from None
+    expected = ",".join(HEADERS[task])
+    if header is None:
+        return [f"empty file: no header '{expected}' and no rows (every query scores 0)"]
+    found = []
+    if tuple(header) != HEADERS[task]:
+        bom = " (it starts with a byte-order mark)" if header and header[0].startswith("\ufeff") else ""
+        found.append(f"line 1 is not the header '{expected}' but {','.join(header)[:80]!r}{bom}; the official "
+                     "scorer skips line 1 anyway, so a prediction there is not scored")
+    if first_row is None:
+        found.append("no rows after line 1 (every query scores 0)")
+    return found
+
+
 def read_solution(
     path: str | os.PathLike, task: str
 ) -> tuple[dict[str, list], dict[str, list], list[str]]:

@@ -27,13 +27,12 @@ from typing import Collection, Iterable, Sequence
 
 import numpy as np
 
+from glr.metrics import HEADERS
 from glr.utils import InputError, atomic_write
 
 log = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "recognition")
-#: The header line of each task's submission file.
-HEADERS = {"retrieval": ("id", "images"), "recognition": ("id", "landmarks")}
 #: Ranks mAP@100 looks at; Kaggle rejects longer rows.
 MAX_IMAGES = 100
 #: How many problems a validation error lists before summarising the rest as a count.
@@ -357,6 +356,10 @@ def _read_rows(path: Path, task: str, strict: bool) -> list[tuple[int, tuple[str
                 rows.append((line, (record[0], record[1])))
             if start == 1:
                 raise InputError(f"empty file; expected the header {','.join(header)!r}", path)
+    except FileNotFoundError:
+        raise InputError("submission file not found", path) from None
+    except OSError as e:
+        raise InputError(f"cannot read the submission ({e.strerror or e})", path) from None
     except UnicodeDecodeError as e:
         raise InputError(f"not UTF-8 text: {e}", path) from None
     except csv.Error as e:
@@ -369,17 +372,22 @@ def validate_submission_file(
     task: str,
     expected_ids: Collection[str] | None = None,
     index_ids: Collection[str] | None = None,
+    require_rows: bool = False,
 ) -> None:
     """Read a submission CSV and check it like :func:`validate_submission`.
 
     The header must be exactly ``id,images`` (retrieval) or ``id,landmarks`` (recognition);
-    every row must have two columns; blank lines are rejected.
+    every row must have two columns; blank lines are rejected. ``require_rows``: a file with
+    the header alone is refused too (what a competition upload needs; a kernel's header-only
+    fallback for an empty test set is valid without it).
 
     Raises:
         InputError: naming the file and the first bad line (with the problems found).
     """
     path = Path(path)
     rows = _read_rows(path, task, strict=True)
+    if require_rows and not rows:
+        raise InputError(f"no rows: the header {','.join(HEADERS[task])!r} alone would score 0", path)
     found, count = _problems(rows, task, expected_ids, index_ids)
     if found:
         err = InputError(_message(task, found, count), path)

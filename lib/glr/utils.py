@@ -1,4 +1,4 @@
-"""Small shared plumbing: the input error type and atomic file writes."""
+"""Small shared plumbing: the input error type, output-path checks and atomic file writes."""
 
 from __future__ import annotations
 
@@ -26,6 +26,61 @@ class InputError(ValueError):
         if self.path is not None:
             where = f"{self.path}:{line}: " if line is not None else f"{self.path}: "
         super().__init__(where + message)
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "--out", replace: bool = False) -> Path:
+    """Check, before any long work, that the folder ``path`` can be created (or written into).
+
+    Walks up from ``path`` to its first existing ancestor: anything but a folder on the way (a
+    regular file) is refused, and that ancestor must take a new file. That is tried for real (a
+    temporary dotfile, removed at once) rather than asked of ``os.access``, which answers yes to
+    root for a ``chmod 0555`` folder.
+
+    Args:
+        path: the output folder (need not exist yet).
+        what: how the messages name it (the option, e.g. ``"--out"``).
+        replace: the folder is built next to ``path`` and renamed over it, so what must take
+            new files is its parent (the walk starts there).
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        InputError: naming the file in the way, or the folder that cannot be written and why
+            (read-only file system, permission denied…), and ``what`` with its path.
+    """
+    path = Path(path)
+    if replace and os.path.lexists(path) and not path.is_dir():
+        raise InputError(f"exists and is not a folder ({what})", path)
+    return _check_writable(path.parent if replace else path, path, what)
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "--out") -> Path:
+    """:func:`check_writable_dir` for an output *file*: ``path`` must not be a folder and its
+    folder must take new files (files are written next to their target, then renamed).
+    Returns ``Path(path)``."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"is a folder, but {what} names a file to write", path)
+    return _check_writable(path.parent, path, what)
+
+
+def _check_writable(folder: Path, target: Path, what: str) -> Path:
+    for parent in (folder, *folder.parents):
+        if not os.path.lexists(parent):
+            continue
+        if not parent.is_dir():
+            tail = f" ({what})" if parent == target else f", so {what} {target} cannot be created"
+            raise InputError(f"exists and is not a folder{tail}", parent)
+        try:
+            fd, probe = tempfile.mkstemp(dir=parent, prefix=".glr-write-probe-")
+        except OSError as e:
+            tail = f" ({what})" if parent == target else f", so {what} {target} cannot be written"
+            raise InputError(f"cannot write here ({e.strerror or e}){tail}", parent) from None
+        os.close(fd)
+        os.unlink(probe)
+        break
+    return target
 
 
 def _umask() -> int:

@@ -16,6 +16,7 @@ import logging
 import sys
 from typing import Sequence
 
+import glr
 from glr.cli import infer, kaggle, train
 from glr.utils import InputError
 
@@ -30,16 +31,18 @@ EXAMPLES: dict[str, str] = {
     "cv": "glr cv --data runs/demo/data --ensemble submission/ensemble.yaml --sweep default --out runs/cv",
     "score": "glr score --task retrieval --solution retrieval_solution_v2.1.csv --submission submission.csv",
     "demo": "glr demo            # synth → train → CV → report → kernel, about 23 min on 2 CPU cores",
-    "embed": "glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split index --out emb_index.npz "
+    "embed": "glr embed --model weights/exp010/s4.safetensors --data /data/gldv2 --split index --out emb_index.npz "
              "--devices 4 --strategy ddp\n"
-             "  glr embed --model weights/exp010/s4.pt --data /data/gldv2 --split train --out emb_train --shards "
+             "  glr embed --model weights/exp010/s4.safetensors --data /data/gldv2 --split train --out emb_train "
+             "--shards "
              "  # resumable: rerun after a kill",
     "search": "glr search --query emb_test --index emb_index --qe-dba 3 3 --out submission.csv",
     "kernel": "glr kernel build --ensemble submission/ensemble.yaml --out kernels/my --kernel-id me/glr-my-kernel "
               "--weights-dataset me/glr-my-weights",
     "submit": "glr submit kernel push --kernel kernels/my",
     "report": "glr report --cv submission --data runs/demo/data   # writes submission/report/report.html",
-    "eval-revisitop": "glr eval-revisitop --data data/roxford5k --model weights/exp010/s4.pt\n"
+    "eval-revisitop": "glr eval-revisitop --data data/roxford5k "
+                      "--model weights/exp010/s4.safetensors\n"
                       "  (revisitop's layout, downloaded by you: DIR/jpg/*.jpg and DIR/gnd_roxford5k.pkl)",
 }
 _WALKTHROUGH = """from the demo to a submission:
@@ -53,11 +56,42 @@ _WALKTHROUGH = """from the demo to a submission:
 each command's --help ends with an example."""
 
 
+#: The optional distributions a command may need, by top-level module: the extra (pyproject.toml) that installs it.
+EXTRA_OF_MODULE: dict[str, str] = {"lightning": "train", "kaggle": "kaggle", "slugify": "kaggle", "requests": "kaggle",
+                                   "six": "kaggle", "matplotlib": "report", "tensorboardX": "tensorboard",
+                                   "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def version() -> str:
+    """This package's version: the installed distribution's (``importlib.metadata``), else the source tree's
+    ``glr.__version__`` (running from a checkout that was never installed)."""
+    from importlib import metadata  # about 80 ms of email parsing: only when the version is asked for
+
+    try:
+        return metadata.version("glr")
+    except metadata.PackageNotFoundError:
+        return glr.__version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print ``glr X.Y.Z`` and exit 0; the version is looked up only when the flag is given."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print glr's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"glr {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole ``glr`` parser; each subcommand's handler is its ``func`` default."""
     p = argparse.ArgumentParser(prog="glr", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_WALKTHROUGH)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="cmd", required=True)
     for group in (infer, train, kaggle):
         group.add_parsers(sub)
@@ -82,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputError as e:
         print(f"glr {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # an extra not installed (pip install glr gives the core commands only)
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRA_OF_MODULE:
+            raise
+        print(f"glr {args.cmd}: error: needs {top}, which glr's core does not install: "
+              f"pip install 'glr[{EXTRA_OF_MODULE[top]}]'", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def yaml_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
 
 
 def add_ensemble_args(p: argparse.ArgumentParser, required_model: bool = False) -> None:
-    """``--model A.pt [B.pt …]``, ``--ensemble E.yaml`` and ``--weights DIR`` (where its experiments live)."""
+    """``--model A.safetensors [B.safetensors …]``, ``--ensemble E.yaml`` and ``--weights DIR`` (where its
+    experiments live)."""
     p.add_argument("--model", nargs="+", required=required_model,
                    help="model artifact(s); several are an ensemble (concatenated)")
     p.add_argument("--ensemble", help="ensemble YAML (members: experiment / artifact, weight)")

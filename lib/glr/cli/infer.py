@@ -10,7 +10,7 @@ from pathlib import Path
 
 from glr.cli.args import (add_ensemble_args, add_ensemble_mode_arg, add_lightning_args, add_loader_args, add_tta_args,
                           ensemble_members)
-from glr.utils import InputError
+from glr.utils import InputError, check_writable_dir, check_writable_file
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-landmarks", type=int, default=120)
     s.add_argument("--image-size", type=int, default=96)
     s.add_argument("--scale", type=float, default=1.0, help="multiplies the image counts")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace a root that glr synth wrote (a folder holding any other GLDv2 root is always refused)")
     s.set_defaults(func=run_synth)
     _add_cv(sub)
     sc = sub.add_parser("score", help="official GLDv2 metrics of a submission file")
@@ -96,7 +98,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _add_embed(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("embed", help="embed one split with a model artifact (any Lightning strategy); "
                                      "writes ids + embeddings to an .npz")
-    e.add_argument("--model", required=True, help="model artifact (model.pt)")
+    e.add_argument("--model", required=True, help="model artifact (model.safetensors)")
     e.add_argument("--data", required=True, help="GLDv2-format root")
     e.add_argument("--split", choices=["train", "index", "test"], required=True,
                    help="train = the clean subset")
@@ -135,6 +137,8 @@ def run_score(args: argparse.Namespace) -> int:
     from glr import metrics
 
     result = metrics.score(args.task, args.solution, args.submission)
+    for warning in metrics.submission_warnings(args.submission, args.task):  # scored as the official code does
+        print(f"glr score: warning: {args.submission}: {warning}", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else metrics.format_score(result))
     return 0
 
@@ -143,7 +147,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from glr.data.synth import make_synthetic_gldv2
 
     summary = make_synthetic_gldv2(args.out, seed=args.seed, n_landmarks=args.n_landmarks,
-                                   image_size=args.image_size, scale=args.scale)
+                                   image_size=args.image_size, scale=args.scale, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -155,6 +159,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from glr.predict import embed_to_shards
     from glr.train.export import export_embeddings, global_rank
 
+    (check_writable_dir if args.shards else check_writable_file)(args.out, "--out")
     if args.shards:
         summary = embed_to_shards(args.model, args.data, args.split, args.out, image_size=args.image_size,
                                   dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
@@ -183,6 +188,9 @@ def run_search(args: argparse.Namespace) -> int:
     from glr.postprocess.config import read_config
     from glr.predict import search_embeddings
 
+    check_writable_file(args.out, "--out")
+    if args.work:
+        check_writable_dir(args.work, "--work")
     expansion = (int(args.qe_dba[0]), float(args.qe_dba[1])) if args.qe_dba else None
     post = read_config(args.post) if args.post else None
     res = search_embeddings(args.query, args.index, args.out, k=args.k, expansion=expansion,
@@ -230,6 +238,7 @@ def run_cv(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from glr.report import write_report
 
+    check_writable_dir(args.out or Path(args.cv) / "report", "--out")
     print(write_report(args.cv, args.data, args.out or str(Path(args.cv) / "report"), title=args.title))
     return 0
 
@@ -255,6 +264,10 @@ def run_revisitop(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from glr.workflows.demo import demo
 
+    kernel = None if args.no_kernel else args.kernel
+    for option, folder in (("--out", args.out), ("--work", args.work), ("--kernel", kernel)):
+        if folder is not None:
+            check_writable_dir(folder, option)
     demo(data=args.data, out=args.out, work=args.work, quick=args.quick,
          train_args={"epochs": args.epochs} if args.epochs else None,
          baselines=not args.no_baselines, num_workers=args.num_workers, weights=args.weights,

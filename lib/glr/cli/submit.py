@@ -11,6 +11,7 @@ from typing import Any
 from glr.kaggle.client import (DATASET_METADATA, DIR_MODES, FAILED_STATES, KERNEL_METADATA, SUBMISSION_FILE,
                                fetch_output, format_submissions, kernel_status, list_submissions, push_dataset,
                                push_kernel, submit_code, submit_file, wait_kernel)
+from glr.submission import validate_submission_file
 from glr.utils import InputError
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ def run_submit(args: argparse.Namespace) -> int:
     if cmd == "kernel":
         return _run_kernel(args)
     if cmd == "file":
+        validate_submission_file(args.file, args.task, require_rows=True)  # a header alone is never a submission
         r = submit_file(args.competition, args.file, args.task, args.message)
         print(f"submitted {r['file']} ({r['rows']} rows) to {r['competition']}: {r['message'] or 'ok'}")
         return 0

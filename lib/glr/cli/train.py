@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from glr.train.config import TrainConfig, check_options, options, parse_assignments
-from glr.utils import InputError
+from glr.utils import InputError, check_writable_dir
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """``train``, ``experiment`` and ``ablate``."""
-    t = sub.add_parser("train", help="train one stage (GeM + neck + margin head); writes OUT/model.pt")
+    t = sub.add_parser("train", help="train one stage (GeM + neck + margin head); writes OUT/model.safetensors")
     t.add_argument("--data", help="GLDv2-format root (required unless --print-config)")
     t.add_argument("--out", help="run folder (required unless --print-config)")
     t.add_argument("--config", help="YAML experiment config (--set and the flags win)")
@@ -41,7 +41,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     x.add_argument("config", help="YAML experiment config (options + stages)")
     x.add_argument("--data", help="GLDv2-format root (required unless --print-config)")
     x.add_argument("--runs", default="runs", help="run folders: RUNS/<experiment>/<stage>")
-    x.add_argument("--weights", default="weights", help="artifacts: WEIGHTS/<experiment>/<stage>.pt")
+    x.add_argument("--weights", default="weights", help="artifacts: WEIGHTS/<experiment>/<stage>.safetensors")
     x.add_argument("--set", action="append", metavar="KEY=VALUE", help="option for every stage (repeatable)")
     x.add_argument("--no-cv", action="store_true", help="skip the CV after each stage")
     x.add_argument("--no-recognition", action="store_true", help="CV without the recognition GAP")
@@ -112,6 +112,7 @@ def run_train(args: argparse.Namespace) -> int:
         check_config(cfg, args.config)
         print(cfg.to_yaml(), end="")
         return 0
+    check_writable_dir(args.out, "--out")  # before the data is read
     print(train(args.data, args.out, **opts))
     return 0
 

@@ -5,7 +5,9 @@
 ``index_image_to_landmark.csv``, ``index_label_to_category.csv``, ``test.csv``,
 ``recognition_solution_v2.1.csv``, ``retrieval_solution_v2.1.csv``), the non-official
 ``train_label_to_country.csv`` (``landmark_id,country``, ISO 3166-1 alpha-2 codes) and
-``synth_summary.json``, with JPEGs at ``<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` (§2).
+``synth_summary.json``, with JPEGs at ``<split>/<id[0]>/<id[1]>/<id[2]>/<id>.jpg`` (§2), and
+the marker ``.glr-synth.json`` (its arguments, and whether it finished): a folder already
+holding a GLDv2 root is only ever replaced when that marker says glr synth wrote it.
 
 What it poses, at CPU size, of the GLDv2 paper's challenges:
 
@@ -42,6 +44,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,7 +52,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from glr.utils import atomic_write
+from glr.utils import InputError, atomic_write, check_writable_dir, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -970,28 +973,89 @@ def _summary(plan: dict[str, Any], blueprints: dict[int, tuple[Country, Blueprin
     }
 
 
+#: The marker of a root written by :func:`make_synthetic_gldv2`: the only kind of root it replaces.
+MARKER = ".glr-synth.json"
+MARKER_FORMAT = "glr-synth-v1"
+#: The tables it writes (the official v2.1 names, plus the country table).
+TABLES = ("train.csv", "train_clean.csv", "train_label_to_category.csv", "train_label_to_country.csv", "index.csv",
+          "index_image_to_landmark.csv", "index_label_to_category.csv", "test.csv", "recognition_solution_v2.1.csv",
+          "retrieval_solution_v2.1.csv")
+_ROOT_FILES = TABLES + ("sample_submission.csv", "synth_summary.json")  # any of them: a GLDv2 root is here
+_SPLITS = ("train", "index", "test")
+
+
+def _root_contents(out: Path) -> list[str]:
+    """The GLDv2 tables and non-empty image folders in ``out`` (official and Kaggle layouts)."""
+    found = [n for n in _ROOT_FILES if os.path.lexists(out / n)]
+    return found + [f"{s}/" for s in _SPLITS if (out / s).is_dir() and any((out / s).iterdir())]
+
+
+def _check_out(out: Path, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse ``out`` before anything is written: not writable, or holding a GLDv2 root that
+    glr synth did not write (no marker), or one it did finish without ``overwrite``.
+    Returns the marker of the root to replace (None: nothing to replace)."""
+    check_writable_dir(out, "the root folder")
+    held = _root_contents(out) if out.is_dir() else []
+    if not held:
+        return None
+    shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+    if not (out / MARKER).is_file():
+        raise InputError(f"already holds a GLDv2 root ({shown}) that glr synth did not write (no {MARKER}); "
+                         "refusing to touch it: choose a new or empty folder", out)
+    marker = read_json_object(out / MARKER, "glr synth marker")
+    if marker.get("format") != MARKER_FORMAT:
+        raise InputError(f"not a {MARKER_FORMAT} marker (format {marker.get('format')!r}); refusing to touch the "
+                         f"root ({shown})", out / MARKER)
+    if marker.get("complete") is not False and not overwrite:  # an unfinished one is ours to finish
+        raise InputError(f"already holds a root written by glr synth ({shown}); pass --overwrite to replace it", out)
+    return marker
+
+
+def _write_marker(out: Path, args: dict[str, Any], complete: bool, images: dict[str, int] | None = None) -> None:
+    marker = {"format": MARKER_FORMAT, "complete": complete, "args": args,
+              "tables": list(TABLES) + ["synth_summary.json"], "images": images}
+    with atomic_write(out / MARKER) as f:
+        json.dump(marker, f, indent=2)
+
+
 def make_synthetic_gldv2(out: str | os.PathLike, seed: int = 0, n_landmarks: int = 120, image_size: int = 96,
-                         scale: float = 1.0, progress: bool = True) -> dict[str, Any]:
+                         scale: float = 1.0, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write a GLDv2 v2.1-shaped root of procedurally drawn landmarks to ``out``.
 
     Args:
-        out: root folder (created; existing files of the same names are replaced, other
-            files are left alone). CSVs are written after the images, so ``train.csv``
-            existing means the root is complete.
+        out: root folder (created; other files in it are left alone). A folder already
+            holding a GLDv2 root (any of its tables, or images) is refused unless it holds
+            :data:`MARKER` (glr synth wrote it) and ``overwrite`` is set (or that root is
+            unfinished); its tables and image folders are then removed and rewritten. CSVs
+            are written after the images, so ``train.csv`` existing means the root is complete.
         seed: everything (plan, ids, every pixel) is a function of the arguments.
         n_landmarks: train classes. The index adds ``0.2·n`` train landmarks and ``0.2·n``
             index-only ones; ``0.1·n`` more appear only as label noise.
         image_size: side of the square RGB JPEGs (drawn at twice the size, then reduced).
         scale: multiplies the image counts (~2500 train, ~500 index, ~400 test at 1.0).
         progress: show a tqdm bar.
+        overwrite: replace a finished root that glr synth wrote.
 
     Returns:
         The summary also written to ``out/synth_summary.json``: counts per split, class
         counts, noise and test-group counts, Public/Private query counts.
+
+    Raises:
+        InputError: ``out`` cannot be written, or holds a root it may not replace (above);
+            nothing is written then.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    replacing = _check_out(out, overwrite)
     plan = _plan(seed, n_landmarks, scale)
+    args = {"seed": seed, "n_landmarks": n_landmarks, "image_size": image_size, "scale": scale}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_marker(out, args, complete=False)  # first: a root killed from here on is unfinished, and ours
+    if replacing is not None:  # train.csv first: its presence means a complete root
+        log.info("replacing the glr synth root at %s (written with %s)", out, replacing.get("args"))
+        for name in (*TABLES, "synth_summary.json"):
+            (out / name).unlink(missing_ok=True)
+        for split in _SPLITS:
+            shutil.rmtree(out / split, ignore_errors=True)
     needed = set(range(n_landmarks)) | set(plan["index_only"]) | set(plan["distractors"])
     blueprints = {u: make_blueprints(seed, u) for u in sorted(needed)}
     _render_all(out, plan, seed, image_size, blueprints, progress)
@@ -1001,6 +1065,7 @@ def make_synthetic_gldv2(out: str | os.PathLike, seed: int = 0, n_landmarks: int
                **_summary(plan, blueprints, clean, rec, ret)}
     with atomic_write(out / "synth_summary.json") as f:
         json.dump(summary, f, indent=2)
+    _write_marker(out, args, complete=True, images=summary["images"])
     log.info("synthetic GLDv2 root at %s: %s", out, summary["images"])
     return summary
 

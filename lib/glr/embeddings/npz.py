@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -24,9 +26,64 @@ def save_embeddings(path: str | os.PathLike, ids: Sequence[str], emb: np.ndarray
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """Inverse of :func:`save_embeddings`: ``(ids, (N, D) float32)``."""
-    with np.load(path) as z:
-        return [str(i) for i in z["ids"]], np.ascontiguousarray(z["emb"], dtype=np.float32)
+    """Inverse of :func:`save_embeddings`: ``(ids, (N, D) float32)``.
+
+    Never unpickles: an ``.npz`` holding object arrays is refused, as is anything but
+    ``ids`` (N,) strings and ``emb`` (N, D) real numbers, all finite.
+
+    Raises:
+        InputError: naming the file: missing or unreadable, not an ``.npz`` (another format,
+            or truncated), object arrays, ``ids`` / ``emb`` missing or of the wrong shape or
+            type, or non-finite embeddings (the first id named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("embeddings file not found", path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip archive: a local file header, or empty
+            raise InputError("not an .npz file (it does not start as a zip archive; expected "
+                             "glr embed's ids + emb)", path)
+        with np.load(path, allow_pickle=False) as z:
+            names = list(z.files)
+            arrays = {k: z[k] for k in ("ids", "emb") if k in names}
+    except InputError:
+        raise
+    except OSError as e:
+        raise InputError(f"cannot read the embeddings ({e.strerror or e})", path) from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise InputError("holds object arrays (pickled Python objects), which glr never unpickles; "
+                             "save ids as strings and emb as float32 (glr.embeddings.npz.save_embeddings)",
+                             path) from None
+        raise InputError(f"corrupt .npz ({e})", path) from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:  # the last: unknown compression
+        raise InputError(f"truncated or corrupt .npz ({e or type(e).__name__})", path) from None
+    missing = [k for k in ("ids", "emb") if k not in arrays]
+    if missing:
+        raise InputError(f"no {' or '.join(map(repr, missing))} array in this .npz (it holds "
+                         f"{', '.join(map(repr, names)) or 'nothing'}; expected glr embed's ids + emb)", path)
+    ids, emb = arrays["ids"], arrays["emb"]
+    return _checked(path, ids, emb)
+
+
+def _checked(path: Path, ids: np.ndarray, emb: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """``load_embeddings``' shape and type checks of the two arrays read from ``path``."""
+    if ids.ndim != 1 or ids.dtype.kind not in "USiu":
+        raise InputError(f"'ids' must be (N,) strings, got {ids.dtype} of shape {ids.shape}", path)
+    if len(ids) == 0 and emb.size == 0:  # save_embeddings of nothing stores emb as (0,)
+        return [], np.ascontiguousarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.dtype.kind not in "fiu":
+        raise InputError(f"'emb' must be (N, D) real numbers, got {emb.dtype} of shape {emb.shape}", path)
+    if len(emb) != len(ids):
+        raise InputError(f"{len(ids)} ids for {len(emb)} embedding rows", path)
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    bad = ~np.isfinite(emb.sum(axis=1))  # NaN or ±inf anywhere in a row (or values near 1e38: no embedding either)
+    if bad.any():
+        first = str(ids[int(np.argmax(bad))])
+        raise InputError(f"{int(bad.sum())} embedding row(s) hold NaN or infinity (first: id {first!r})", path)
+    return (ids if ids.dtype.kind == "U" else ids.astype(str)).tolist(), emb
 
 
 def merge_parts(parts: Sequence[dict], ids: Sequence[str], split: str | None = None,

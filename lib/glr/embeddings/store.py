@@ -183,6 +183,14 @@ def _read_head(path: Path) -> tuple[dict[str, Any], list[str]]:
     for key in ("rows", "dim", "dtype", "shard_size", "num_shards", "ids_sha256"):
         if key not in manifest:
             raise InputError(f"corrupt manifest: no {key!r}", path / "manifest.json")
+    for key in ("rows", "dim", "shard_size", "num_shards"):
+        value = manifest[key]
+        low = 1 if key == "shard_size" else 0
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"corrupt manifest: {key!r} is {value!r}, not an integer >= {low}", path / "manifest.json")
+    if manifest["num_shards"] != _num_shards(manifest["rows"], manifest["shard_size"]):
+        raise InputError(f"corrupt manifest: {manifest['num_shards']} shards of {manifest['shard_size']} rows cannot "
+                         f"hold {manifest['rows']} rows", path / "manifest.json")
     if manifest["dtype"] not in DTYPES:
         raise InputError(f"unknown dtype {manifest['dtype']!r} (expected {' or '.join(DTYPES)})",
                          path / "manifest.json")

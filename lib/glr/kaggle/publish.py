@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from glr.kaggle.ids import check_dataset_id, check_licence, check_title
+from glr.model.artifact import ARTIFACT_SUFFIX, artifact_kind
 from glr.model.weights import MANIFEST, _entry, _safe_name, read_artifact_info, read_manifest
 from glr.utils import InputError, file_sha256
 
@@ -44,10 +45,12 @@ def pack(artifacts: Sequence[str | os.PathLike], out_dir: str | os.PathLike, dat
          title: str | None = None, licence: str = "CC0-1.0", overwrite: bool = False) -> Path:
     """Build a Kaggle dataset folder for ``kaggle datasets create -p out_dir``.
 
-    Each artifact is copied as ``<experiment>__<stage>.pt`` (its file stem when the artifact
-    does not name both), next to ``manifest.json`` (``{"dataset", "title", "entries": [...]}``,
-    one :func:`manifest_entry` per packed file, with CV figures carried over from the manifest
-    beside the source when it records the same hash) and ``dataset-metadata.json``
+    Each artifact is copied byte for byte as ``<experiment>__<stage>.safetensors`` (its file
+    stem when the artifact does not name both; ``.pt`` for a legacy torch file), next to
+    ``manifest.json`` (``{"dataset", "title", "entries": [...]}``, one :func:`manifest_entry`
+    per packed file, with CV figures carried over from the manifest beside the source when it
+    records the same hash; the kernel checks each file against it,
+    :func:`glr.model.weights.listed_artifact`) and ``dataset-metadata.json``
     (``{"title", "id", "licenses": [{"name"}]}``). The folder is flat: ``kaggle datasets
     create`` skips sub-folders by default.
 
@@ -112,11 +115,12 @@ def _pack_plan(artifacts: Sequence[str | os.PathLike]) -> list[tuple[Path, str, 
     by_name: dict[str, Path] = {}
     for a in artifacts:
         a = Path(a)
-        info = read_artifact_info(a)
+        info = read_artifact_info(a)  # refuses a foreign file, or a pickle that is not plain data
+        suffix = ARTIFACT_SUFFIX if artifact_kind(a) == "safetensors" else ".pt"
         if info["experiment"] and info["stage"]:
-            name = f"{_safe_name(str(info['experiment']))}__{_safe_name(str(info['stage']))}.pt"
+            name = f"{_safe_name(str(info['experiment']))}__{_safe_name(str(info['stage']))}{suffix}"
         else:
-            name = f"{_safe_name(a.stem)}.pt"
+            name = f"{_safe_name(a.stem)}{suffix}"
         if name in by_name:
             raise InputError(f"packs to {name}, as {by_name[name]} does; give the artifacts distinct "
                              "meta experiment/stage or file names", a)

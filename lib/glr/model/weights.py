@@ -5,13 +5,15 @@ An experiment (``exp010_lite0``) is a sequence of stages (``s1`` clean@384 → `
 ``weights/<experiment>/`` holds the stage artifacts and a ``manifest.json``::
 
     {"experiment": "exp010_lite0",
-     "stages": [{"experiment": ..., "stage": "s1", "file": "s1.pt", "bytes": ..., "sha256": ...,
+     "stages": [{"experiment": ..., "stage": "s1", "file": "s1.safetensors", "bytes": ..., "sha256": ...,
                  "backbone": ..., "image_size": ..., "train_set": ..., "num_classes": ...,
                  "embedding_size": ..., "val_leak": ..., "epochs": ..., "cv": {...}, "created": ...},
                 ...]}
 
 Stages are kept in the order they were first added; the last one is the experiment's final
-model (:func:`final_artifact`), checked against its recorded SHA-256 before use.
+model (:func:`final_artifact`), checked against its recorded SHA-256 before use. A Kaggle pack's
+``manifest.json`` (:func:`glr.kaggle.publish.pack`) lists ``entries`` of the same shape;
+:func:`listed_artifact` checks a file against either kind.
 
 An ensemble file (:func:`read_ensemble`) names its members by experiment (optionally a stage)
 or by artifact path, each with a block weight. :func:`pack` turns artifacts into a folder
@@ -20,7 +22,6 @@ ready for ``kaggle datasets create -p DIR``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from glr.model.artifact import read_artifact
+from glr.model.artifact import jsonable, read_artifact
 from glr.utils import InputError, atomic_write, file_sha256, read_json_object
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,8 @@ INFO_KEYS = ("experiment", "stage", "backbone", "image_size", "train_set", "num_
 _SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _jsonable(v: Any) -> Any:
-    """A JSON-friendly copy of ``v`` (tensor / numpy scalars → Python numbers, others → str)."""
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    item = getattr(v, "item", None)
-    if callable(item):
-        with contextlib.suppress(Exception):
-            return _jsonable(item())
-    return str(v)
+#: A JSON-friendly copy of a value (see :func:`glr.model.artifact.jsonable`).
+_jsonable = jsonable
 
 
 def _first(*values: Any) -> Any:
@@ -69,7 +59,7 @@ def _first(*values: Any) -> Any:
 
 
 def read_artifact_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Describe a ``glr-artifact-v1`` file without building its network.
+    """Describe an artifact (``glr-artifact-v2``, or a legacy v1 ``.pt``) without building its network.
 
     Reads ``meta`` first and falls back to what every artifact has: ``model_args["backbone"]``,
     ``data_config["image_size"]`` / ``["train_subset"]``, and the head's class count.
@@ -248,11 +238,44 @@ def _stage_entry(exp_dir: Path, stage: str | None) -> tuple[Path, dict[str, Any]
     file = exp_dir / entry["file"]
     if not file.is_file():
         raise InputError(f"artifact of stage {entry['stage']!r} listed in {exp_dir / MANIFEST} is missing", file)
-    digest = file_sha256(file)
-    if digest != entry["sha256"]:
-        raise InputError(f"sha256 {digest[:12]}… differs from the manifest's {entry['sha256'][:12]}… "
-                         f"(the file changed after it was recorded in {exp_dir / MANIFEST})", file)
+    _check_digest(file, entry["sha256"], exp_dir / MANIFEST)
     return file, entry
+
+
+def _check_digest(file: Path, expected: str, manifest: Path) -> None:
+    digest = file_sha256(file)
+    if digest != expected:
+        raise InputError(f"sha256 {digest[:12]}… differs from the manifest's {expected[:12]}… "
+                         f"(the file changed after it was recorded in {manifest})", file)
+
+
+def listed_artifact(folder: str | os.PathLike, file: str) -> Path:
+    """``folder/file`` after checking it against the SHA-256 that ``folder/manifest.json`` records
+    for it: an experiment manifest (``stages``) or a weights pack's (``entries``, see
+    :func:`glr.kaggle.publish.pack`; the kernel's weights dataset is one).
+
+    Raises:
+        InputError: no or corrupt manifest, ``file`` not listed in it, missing, or its hash
+            differs (the message names the file).
+    """
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    data = read_json_object(manifest, "manifest")
+    entries = data.get("entries", data.get("stages"))
+    if not isinstance(entries, list):
+        raise InputError('corrupt manifest: expected a list of "entries" (a pack) or "stages" (an experiment)',
+                         manifest)
+    found = [e for e in entries if isinstance(e, dict) and e.get("file") == file]
+    path = folder / file
+    if not found:
+        raise InputError(f"not listed in {manifest}: refusing an artifact whose sha256 is not recorded", path)
+    expected = found[0].get("sha256")
+    if not isinstance(expected, str) or not expected:
+        raise InputError(f"corrupt manifest: the entry of {file!r} has no sha256", manifest)
+    if not path.is_file():
+        raise InputError(f"artifact listed in {manifest} is missing", path)
+    _check_digest(path, expected, manifest)
+    return path
 
 
 def stage_artifact(exp_dir: str | os.PathLike, stage: str | None = None) -> Path:

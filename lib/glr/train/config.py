@@ -16,8 +16,8 @@ flags from :func:`options` and ``glr --help`` stays fast. The checks that need t
 backbone a timm model, the head a name in ``glr.model.heads``' registry, which plugins may extend
 at run time?) live in :func:`glr.train.fit.check_registered`. The fixed choices below are static
 copies of the names their owners define (``glr.data.root.TRAIN_SETS``, ``glr.train.samplers.SAMPLERS``,
-``glr.train.module.OPTIMIZERS``, Lightning's precision literals); ``tests/test_config.py`` checks that
-each copy equals its source.
+``glr.train.module.OPTIMIZERS``, Lightning's precision literals; ``glr.train.fit.LOGGERS``);
+``tests/test_config.py`` (``tests/test_resume.py`` for the loggers) checks that each copy equals its source.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 #: Lightning's ``precision`` strings (``lightning.fabric.connector._PRECISION_INPUT``).
 PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true",
                                "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64")
+#: ``glr.train.fit.LOGGERS``: Lightning's CSV, TensorBoard, MLflow and W&B (offline) loggers.
+LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "mlflow", "wandb")
 #: ``glr.model.net.LITE0_PACKAGE``: the offline ImageNet weights of efficientnet_lite0.
 LITE0_PACKAGE = "efficientnet-lite0-package"
 
@@ -143,6 +145,18 @@ class TrainConfig:
     limit_train_batches: int | float | None = _opt(None, "train on this many batches (int) or this fraction (<1) "
                                                          "per epoch", "trainer", check=_gt(0))
     log_every_n_steps: int = _opt(10, "Lightning logging interval in optimiser steps", "trainer", check=_ge(1))
+    logger: str = _opt("csv", "training logger in the run folder: csv (OUT/logs), tensorboard (OUT/logs, needs "
+                              "tensorboardX), mlflow (file store OUT/mlruns), wandb (offline, OUT/wandb)", "trainer",
+                       choices=LOGGERS)
+    # crash recovery and weight averaging (glr.train.fit)
+    checkpoint_every_n_steps: int | None = _opt(None, "also write OUT/checkpoints/last.ckpt every N optimiser steps "
+                                                      "(default: at the end of every epoch only)", "trainer",
+                                                check=_ge(1))
+    resume: bool = _opt(True, "resume an interrupted stage from OUT/checkpoints/last.ckpt (false: start over, the "
+                              "old checkpoint moved aside to previous.ckpt)", "run")
+    ema: bool = _opt(False, "keep an exponential moving average of the weights (Lightning's EMAWeightAveraging); "
+                            "the artifact holds the averaged weights", "trainer")
+    ema_decay: float = _opt(0.999, "EMA decay per optimiser step", "trainer", check=_UNIT_OPEN)
     # staging and provenance
     init_from: str | None = _opt(None, "artifact whose weights start this stage (weights only: fresh optimiser)",
                                  "run")

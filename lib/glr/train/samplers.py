@@ -15,7 +15,10 @@ multiple of ``R`` (``k * R`` for P×K), so every rank yields ``len(sampler)`` in
 The samplers shard themselves: use them with Lightning's
 ``Trainer(use_distributed_sampler=False)`` and build them once the process group is up
 (e.g. in ``train_dataloader``), so that ``num_replicas``/``rank`` default correctly.
-Lightning calls :meth:`set_epoch` at the start of every epoch.
+Lightning calls :meth:`set_epoch` at the start of every epoch; a resumed fit builds (and, with
+workers, starts) its loader before that call, so :class:`glr.train.resume.ResumeState` points the
+sampler at the resumed epoch first (and, after a mid-epoch checkpoint, :meth:`skip_next` past the
+batches already trained).
 
 The continent-aware sampler follows the 2nd place solution of the Google Landmark
 Retrieval 2021 challenge (Zhang et al., arXiv:2110.04294; ``GLDSampler_DDP`` in
@@ -92,12 +95,20 @@ class _ShardedSampler(Sampler[int]):
         self.total_size = -(-total // unit) * unit
         self.seed = int(seed)
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose stream the next ``iter()`` yields."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
+
+    def skip_next(self, n: int) -> None:
+        """Leave out the first ``n`` indices of this rank's share in the next ``iter()`` only (a
+        resume in the middle of an epoch: the batches already trained)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.skip = int(n)
 
     def __len__(self) -> int:
         """Indices yielded by this rank per epoch."""
@@ -109,6 +120,7 @@ class _ShardedSampler(Sampler[int]):
         rng = np.random.default_rng([self.seed, self.epoch])
         stream = self._stream(rng)
         share = stream.reshape(-1, self.group)[self.rank :: self.num_replicas].ravel()
+        share, self.skip = share[self.skip :], 0
         return map(int, share)
 
     def _stream(self, rng: np.random.Generator) -> np.ndarray:

@@ -28,7 +28,7 @@ from glr.predict import (TTA, MemberSpec, chain_context, embed_ensemble, imagene
                          recognition_rows, retrieval_rows)
 from glr.report.sweep import write_sweep
 from glr.submission import write_submission
-from glr.utils import InputError, atomic_write
+from glr.utils import InputError, atomic_write, check_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,15 @@ def _warn_unreadable(split: str, ids: Sequence[str], ok: np.ndarray) -> None:
                 "train": "left out of the train set"}.get(split, "skipped")
         log.warning("%d of %d %s images could not be read (%s): %s%s", len(bad), len(ids), split, what,
                     ", ".join(bad[:5]), ", …" if len(bad) > 5 else "")
+
+
+def _check_early(out: str | os.PathLike, cache_dir: str | os.PathLike | None,
+                 distractors: str | os.PathLike | None) -> tuple[Path, np.ndarray | None]:
+    """The output folders can be written and the distractor embeddings read (returned), before any work."""
+    out = check_writable_dir(out, "the output folder")
+    if cache_dir is not None:
+        check_writable_dir(cache_dir, "the graph cache (--cache-dir)")
+    return out, load_embeddings(distractors)[1] if distractors is not None else None
 
 
 def _load_split_embeddings(folder: Path, splits: dict[str, list[str]]) -> dict[str, np.ndarray]:
@@ -261,7 +270,7 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
         validation ground truth (their figures are not a valid CV). ``unreadable``: split →
         number of images skipped.
     """
-    out = Path(out)
+    out, distractor_emb = _check_early(out, cache_dir, distractors)
     artifacts, weights = _members(artifact, member_weights, kind, embeddings is not None)
     run = _plan(data, post, sweep, k, protocol, index_list, recognition, train_subset)
     leaky: list[str] = []
@@ -276,13 +285,13 @@ def cv(data: str | os.PathLike, out: str | os.PathLike, artifact: str | Sequence
     out.mkdir(parents=True, exist_ok=True)
     for s, ids in run.splits.items():
         _warn_unreadable(s, ids, ok[s])
-    return _finish(run, emb, ok, out, kind, artifacts, weights, leaky, ensemble_mode, recognition, distractors,
+    return _finish(run, emb, ok, out, kind, artifacts, weights, leaky, ensemble_mode, recognition, distractor_emb,
                    cache_dir, progress, extra)
 
 
 def _finish(run: _Run, emb: dict[str, np.ndarray], ok: dict[str, np.ndarray], out: Path, kind: str,
             artifacts: list[str], weights: list[float], leaky: list[str], ensemble_mode: str, recognition: bool,
-            distractors: str | os.PathLike | None, cache_dir: str | os.PathLike | None, progress: bool,
+            distractors: np.ndarray | None, cache_dir: str | os.PathLike | None, progress: bool,
             extra: dict[str, Any] | None) -> dict[str, Any]:
     """Search, post-process, write both submissions and ``cv.json``, score."""
     test_ids = run.splits["test"]
@@ -293,7 +302,7 @@ def _finish(run: _Run, emb: dict[str, np.ndarray], ok: dict[str, np.ndarray], ou
                         else None, run.root.country_of() if "train" in emb else None,
                         q_paths=[str(run.root.path("test", i)) for i in q_ids] if "spatial" in wanted else None,
                         db_paths=[str(run.root.path("index", i)) for i in db_ids] if "spatial" in wanted else None,
-                        distractors=load_embeddings(distractors)[1] if distractors is not None else None)
+                        distractors=distractors)
     cache = GraphCache(folder=cache_dir if cache_dir is not None else (out / "graph_cache" if run.grid else None),
                        progress=progress)
     result: dict[str, Any] = {"task": "retrieval", "public": None, "private": None, "descriptor": kind,

@@ -17,10 +17,12 @@ Every value is coerced and checked when the file is parsed (:func:`parse_experim
 stage's resolved configuration (with the overrides) before the first stage trains
 (:func:`plan_experiment`): a typo in the last stage fails at once, naming the file and the stage.
 
-:func:`run_experiment` writes each stage's artifact to ``weights/<experiment>/<stage>.pt``
+:func:`run_experiment` writes each stage's artifact to ``weights/<experiment>/<stage>.safetensors``
 with a manifest (:mod:`glr.model.weights`), runs the CV after every stage when the root has a
 solution file, and skips stages whose artifact is already in the manifest (re-running a
-crashed experiment continues it). :func:`ablate` runs the seed's Tables 2 and 3.
+crashed experiment continues it: an interrupted stage resumes from its run folder's last
+checkpoint, :mod:`glr.train.resume`). Each stage's CV figures also go to the stage's logger
+(``cv/public/map@100`` …, :func:`cv_figures`). :func:`ablate` runs the seed's Tables 2 and 3.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from glr.data.root import GLDv2Root
+from glr.model.artifact import ARTIFACT_SUFFIX
 from glr.model.weights import manifest_entry, read_manifest, update_manifest
 from glr.report import ablation_table, draw_ablation
 from glr.train.config import TRAIN_DEFAULTS, TrainConfig, check_options, to_yaml
@@ -138,7 +141,8 @@ def plan_experiment(exp: Experiment, overrides: Mapping[str, Any] | None = None,
     Args:
         exp: the parsed config.
         overrides: options for every stage (coerced and checked; source ``overrides``).
-        weights: the weights folder (stage ``n+1``'s ``init_from`` is ``weights/<experiment>/<stage n>.pt``).
+        weights: the weights folder (stage ``n+1``'s ``init_from`` is
+            ``weights/<experiment>/<stage n>.safetensors``).
 
     Returns:
         Per stage: ``(name, options, config)``: the options given to
@@ -155,7 +159,7 @@ def plan_experiment(exp: Experiment, overrides: Mapping[str, Any] | None = None,
     for n, (stage, opts) in enumerate(exp.stages, 1):
         opts = {**opts, **extra, "experiment": exp.name, "stage": stage}
         if plan:
-            opts["init_from"] = str(Path(weights) / exp.name / f"{plan[-1][0]}.pt")
+            opts["init_from"] = str(Path(weights) / exp.name / f"{plan[-1][0]}{ARTIFACT_SUFFIX}")
         cfg = TrainConfig.from_options(opts, exp.source, f"stage {n} ({stage}): ")
         check_config(cfg, exp.source, f"stage {n} ({stage}): ")
         plan.append((stage, opts, cfg))
@@ -202,6 +206,19 @@ def stage_line(exp: str, stage: str, opts: Mapping[str, Any], cv: dict[str, Any]
     return line + ("  [VAL LEAK: not a valid CV]" if val_leak else "")
 
 
+def cv_figures(cv: Mapping[str, Any] | None) -> dict[str, float]:
+    """The scores of a :func:`glr.workflows.cv.cv` result as logger metrics: ``cv/public/map@100``,
+    ``cv/recognition/private/gap``, … (every number of its ``public`` and ``private`` blocks, and of
+    its recognition's); empty without a CV."""
+    out: dict[str, float] = {}
+    for prefix, block in (("cv", cv or {}), ("cv/recognition", (cv or {}).get("recognition") or {})):
+        for split in ("public", "private"):
+            for key, value in (block.get(split) or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[f"{prefix}/{split}/{key}"] = float(value)
+    return out
+
+
 def run_experiment(config: Experiment | dict[str, Any] | str | os.PathLike, data: str | os.PathLike,
                    runs: str | os.PathLike = "runs", weights: str | os.PathLike = "weights",
                    overrides: dict[str, Any] | None = None, do_cv: bool = True, cv_recognition: bool = True,
@@ -237,9 +254,9 @@ def run_experiment(config: Experiment | dict[str, Any] | str | os.PathLike, data
     results: list[dict[str, Any]] = []
     prev: Path | None = None
     for stage, opts, cfg in plan:
-        if prev is not None:  # the planned weights/<experiment>/<stage>.pt, or this rank's own copy
+        if prev is not None:  # the planned weights/<experiment>/<stage>.safetensors, or this rank's own copy
             opts = dict(opts, init_from=str(prev))
-        target = exp_dir / f"{stage}.pt"
+        target = exp_dir / f"{stage}{ARTIFACT_SUFFIX}"
         entry = done.get(stage)
         if not force and entry and target.is_file() and file_sha256(target) == entry.get("sha256"):
             log.info("%s %s: already trained (%s), skipping", exp.name, stage, target)
@@ -250,15 +267,24 @@ def run_experiment(config: Experiment | dict[str, Any] | str | os.PathLike, data
             prev = target
             continue
         run_dir = Path(runs) / exp.name / stage
-        artifact = train_stage(root.root, run_dir, progress=progress, **opts)
+        cv_of_stage: dict[str, Any] = {}
+
+        def copy_and_cv(artifact: Path, run_dir: Path = run_dir, target: Path = target,
+                        cfg: TrainConfig = cfg, cv_of_stage: dict = cv_of_stage) -> dict[str, float]:
+            """On global rank zero: the artifact into the weights folder, then its CV (logged to the stage's logger)."""
+            _copy_atomic(artifact, target)
+            if do_cv and root.solution_path("retrieval") is not None:
+                cv_of_stage["cv"] = run_cv(root.root, run_dir / "cv", artifact=str(target),
+                                           num_workers=cfg.num_workers, recognition=cv_recognition,
+                                           progress=progress)
+            return cv_figures(cv_of_stage.get("cv"))
+
+        artifact = train_stage(root.root, run_dir, progress=progress, after=copy_and_cv, **opts)
         prev = artifact
         result = None
         if _is_global_zero():
-            _copy_atomic(artifact, target)
             prev = target
-            if do_cv and root.solution_path("retrieval") is not None:
-                result = run_cv(root.root, run_dir / "cv", artifact=str(target), num_workers=cfg.num_workers,
-                                recognition=cv_recognition, progress=progress)
+            result = cv_of_stage.get("cv")
             entry = manifest_entry(target, cv=result)
             update_manifest(exp_dir, entry)
             print(stage_line(exp.name, stage, cfg.to_dict(), entry["cv"], bool(entry.get("val_leak"))), flush=True)

@@ -36,7 +36,7 @@ from glr.kaggle.kernel.runtime import COUNTRIES, SETTINGS_DEFAULTS, TRAIN_EMBEDD
 from glr.kaggle.publish import pack
 from glr.model.weights import read_artifact_info, read_ensemble
 from glr.postprocess.config import normalize_config, read_config
-from glr.utils import InputError, read_json_object
+from glr.utils import InputError, check_writable_dir, read_json_object
 
 ENTRY = "glr.kaggle.kernel.runtime"
 METADATA = "kernel-metadata.json"
@@ -229,7 +229,7 @@ def _check_build(kernel_id: str, weights_dataset: str, wheels_dataset: str | Non
             raise InputError("kernel folder exists and is not empty (pass --overwrite to rebuild it)", out)
         if not (out / METADATA).is_file():
             raise InputError(f"kernel folder holds no {METADATA}: not a previous build, refusing to replace it", out)
-    return out
+    return check_writable_dir(out, "--out", replace=True)  # built beside it, then renamed
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

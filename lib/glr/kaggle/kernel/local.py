@@ -6,7 +6,10 @@ weights dataset and, when collected, the wheels dataset, as symbolic links) and
 ``PYTHONPATH``, no ``.pth`` files, so neither the installed ``glr`` nor anything it put on
 the path is importable; site-packages are added by hand for torch, timm and the rest) in
 which importing Lightning fails. Its ``submission.csv`` is validated and compared with the
-library's: :mod:`glr.predict`'s chain (the one ``glr cv`` runs) on the same root and settings, in this process.
+library's: :mod:`glr.predict`'s chain (the one ``glr cv`` runs) on the same root and settings, in this process
+(only when the kernel wrote its own submission: a fallback is reported with its reason instead). The
+kernel's temporary folder is inside the simulated ``/kaggle``, so the bundle it unpacks and the wheels
+it installs go with it: a run leaves nothing behind.
 
 Layouts: ``classic`` (``input/<competition>``, ``input/<dataset-slug>``) and ``nested``
 (``input/competitions/<competition>``, ``input/datasets/<owner>/<slug>``).
@@ -36,11 +39,13 @@ log = logging.getLogger(__name__)
 LAYOUTS = ("classic", "nested")
 
 # Run as `python -I -S -c BOOT SITE_DIRS_JSON SCRIPT HIDDEN_JSON`: site-packages without their
-# .pth files, Lightning made unimportable, the HIDDEN modules invisible in site-packages (found
-# only elsewhere on sys.path, e.g. where the kernel installs its wheels), then the script.
+# .pth files, Lightning made unimportable, the HIDDEN modules and glr itself invisible in
+# site-packages (found only elsewhere on sys.path: the kernel's unpacked bundle, where it installs
+# its wheels), then the script. glr is hidden so that a non-editable install (glr in site-packages
+# beside torch) cannot stand in for the bundle.
 _BOOT = r"""
 import importlib.machinery, json, runpy, sys
-site_dirs, script, hidden = json.loads(sys.argv[1]), sys.argv[2], set(json.loads(sys.argv[3]))
+site_dirs, script, hidden = json.loads(sys.argv[1]), sys.argv[2], set(json.loads(sys.argv[3])) | {"glr"}
 sys.path.extend(site_dirs)
 class _Block:
     def find_spec(self, name, path=None, target=None):
@@ -57,8 +62,10 @@ sys.meta_path.insert(0, _Block())
 sys.argv = [script]
 runpy.run_path(script, run_name="__main__")
 """
-_PROBE = "import importlib.util, json, sys; sys.path.extend(json.loads(sys.argv[1])); " \
-         "spec = importlib.util.find_spec('glr'); print(spec.origin if spec else '')"
+# glr found outside site-packages (which the kernel's loader hides it in; see _BOOT), e.g. in the cwd
+_PROBE = "import importlib.machinery, json, sys; dirs = json.loads(sys.argv[1]); " \
+         "spec = importlib.machinery.PathFinder.find_spec('glr', [p for p in sys.path if p not in dirs]); " \
+         "print(spec.origin if spec else '')"
 
 
 def _site_dirs() -> list[str]:
@@ -71,9 +78,10 @@ def fresh_python(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-I", "-S", *args]
 
 
-def check_isolated() -> None:
+def check_isolated(site_dirs: Sequence[str] | None = None) -> None:
     """Raise when the fresh interpreter can import ``glr`` (the parity would prove nothing)."""
-    done = subprocess.run(fresh_python(["-c", _PROBE, json.dumps(_site_dirs())]), capture_output=True, text=True)
+    dirs = _site_dirs() if site_dirs is None else list(site_dirs)
+    done = subprocess.run(fresh_python(["-c", _PROBE, json.dumps(dirs)]), capture_output=True, text=True)
     if done.returncode or done.stdout.strip():
         raise InputError(f"a fresh interpreter still finds glr ({done.stdout.strip() or done.stderr.strip()}); "
                          "install glr editable (pip install -e) or run from a clean environment")
@@ -102,14 +110,19 @@ def layout_inputs(kaggle: Path, layout: str, data: Path, kernel: Path, settings:
 
 def run_script(script: Path, kaggle: Path, env: Mapping[str, str] | None = None,
                timeout: float | None = None, stream: bool = True,
-               without: Sequence[str] = ()) -> tuple[int, float, str]:
+               without: Sequence[str] = (), site_dirs: Sequence[str] | None = None) -> tuple[int, float, str]:
     """Run the kernel script in a fresh interpreter with ``GLR_KAGGLE_ROOT=kaggle``, its
-    working folder as the current directory; ``without`` names modules hidden from
-    site-packages (an image that lacks them). Returns (exit status, seconds, output)."""
+    working folder as the current directory and ``kaggle/tmp`` as its temporary folder (where
+    the script unpacks its bundle and installs its wheels: removed with ``kaggle``);
+    ``without`` names modules hidden from site-packages (an image that lacks them);
+    ``site_dirs`` replaces this environment's site-packages (another set of libraries, e.g.
+    Kaggle's versions). Returns (exit status, seconds, output); status -9 after ``timeout``."""
     full_env = {k: v for k, v in os.environ.items()
                 if not k.startswith(("PYTHON", "GLR_", "KAGGLE_IS_COMPETITION_RERUN"))}
-    full_env.update(GLR_KAGGLE_ROOT=str(kaggle), **(env or {}))
-    cmd = fresh_python(["-c", _BOOT, json.dumps(_site_dirs()), str(script.resolve()), json.dumps(list(without))])
+    (kaggle / "tmp").mkdir(parents=True, exist_ok=True)
+    full_env.update(GLR_KAGGLE_ROOT=str(kaggle), TMPDIR=str(kaggle / "tmp"), **(env or {}))
+    dirs = _site_dirs() if site_dirs is None else list(site_dirs)
+    cmd = fresh_python(["-c", _BOOT, json.dumps(dirs), str(script.resolve()), json.dumps(list(without))])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=kaggle / "working", env=full_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -156,10 +169,38 @@ def library_submission(data: Path, kernel: Path, settings: Mapping[str, Any], ou
     return out / SUBMISSION
 
 
+def _run_layout(layout: str, tmp: Path, data: Path, kernel: Path, script: Path, settings: Mapping[str, Any],
+                env: Mapping[str, str], rerun: bool, timeout: float | None, stream: bool, without: Sequence[str],
+                site_dirs: Sequence[str] | None) -> tuple[dict[str, Any], Path | None]:
+    """One run of the kernel in ``tmp/<layout>/kaggle``: its record (see :func:`run_local`) and its
+    submission, validated against the test images it listed (None when it wrote none)."""
+    kaggle = tmp / layout / "kaggle"
+    layout_inputs(kaggle, layout, data, kernel, settings)
+    rc, seconds, output = run_script(script, kaggle, env, timeout, stream, without, site_dirs)
+    working = kaggle / "working"
+    report = json.loads((working / REPORT).read_text()) if (working / REPORT).is_file() else {}
+    sub = working / SUBMISSION
+    status = report.get("status", "no report")
+    run: dict[str, Any] = {"returncode": rc, "timed_out": rc == -9 and timeout is not None, "seconds": round(seconds, 1),
+                           "status": status, "fallback": status == "fallback" and sub.is_file(),
+                           "why": report.get("reason") or report.get("error"), "report": report,
+                           "rows": 0, "log_tail": output[-3000:]}
+    if not sub.is_file():
+        run["error"] = "no submission.csv written"
+        return run, None
+    test_ids, _ = list_images(data, "test")
+    if settings.get("limit_test") and not rerun:
+        test_ids = test_ids[: settings["limit_test"]]
+    validate_submission_file(sub, settings["task"], expected_ids=test_ids or None)
+    run["rows"] = len(read_submission(sub, settings["task"]))
+    return run, sub
+
+
 def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Sequence[str] = LAYOUTS,
               rerun: bool = False, overrides: Mapping[str, Any] | None = None, parity: bool = True,
               keep: str | os.PathLike | None = None, timeout: float | None = None,
-              stream: bool = True, progress: bool = True, without: Sequence[str] = ()) -> dict[str, Any]:
+              stream: bool = True, progress: bool = True, without: Sequence[str] = (),
+              site_dirs: Sequence[str] | None = None) -> dict[str, Any]:
     """Run a built kernel on ``data`` once per layout, validate each submission and compare it
     with the library's.
 
@@ -168,15 +209,20 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
         kernel: the built kernel folder.
         rerun: set ``KAGGLE_IS_COMPETITION_RERUN`` (the hidden-set phase).
         overrides: kernel settings to override (``GLR_KERNEL_SETTINGS``).
-        parity: also run the library pipeline and compare.
+        parity: also run the library pipeline and compare (only when every run's status is
+            ``ok``: a fallback is not the library's submission, and says so itself).
         keep: copy each run's ``kaggle/working`` to ``keep/<layout>``.
         without: modules to hide from site-packages (e.g. ``faiss``: Kaggle's image lacks it,
             so the kernel must install it from the wheels dataset or search with torch).
+        site_dirs: the kernel's site-packages instead of this environment's (other library
+            versions; the library's submission is still this environment's).
 
     Returns:
-        ``{"runs": {layout: {"returncode", "seconds", "status", "report", "rows"}}, "parity": …}``;
-        each run's submission is checked with :func:`glr.submission.validate_submission_file`
-        against the test images it listed.
+        ``{"kernel", "runs": {layout: {"returncode", "timed_out", "seconds", "status",
+        "fallback" (whether the fallback is the output), "why" (its reason or error),
+        "report", "rows", "log_tail"}}, "parity": … or "parity_skipped": why}``. Everything the
+        runs write (their ``/kaggle``, the bundle the script unpacks, the wheels it installs)
+        is removed afterwards.
     """
 
     data, kernel = Path(data), Path(kernel)
@@ -184,7 +230,7 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
         raise InputError("competition data folder not found", data)
     meta, settings, script = read_kernel(kernel)
     settings = {**settings, **(overrides or {})}
-    check_isolated()
+    check_isolated(site_dirs)
     env = {"GLR_KERNEL_SETTINGS": json.dumps(dict(overrides))} if overrides else {}
     if rerun:
         env["KAGGLE_IS_COMPETITION_RERUN"] = "1"
@@ -192,50 +238,59 @@ def run_local(data: str | os.PathLike, kernel: str | os.PathLike, layouts: Seque
     with tempfile.TemporaryDirectory(prefix="glr_kaggle_") as tmp:
         first: Path | None = None  # the first layout's submission; the others must equal it
         for layout in layouts:
-            kaggle = Path(tmp) / layout / "kaggle"
-            layout_inputs(kaggle, layout, data, kernel, settings)
             log.info("kernel %s, %s layout: running %s", meta["id"], layout, script.name)
-            rc, seconds, output = run_script(script, kaggle, env, timeout, stream, without)
-            working = kaggle / "working"
-            report = json.loads((working / REPORT).read_text()) if (working / REPORT).is_file() else {}
-            sub = working / SUBMISSION
-            run: dict[str, Any] = {"returncode": rc, "seconds": round(seconds, 1),
-                                   "status": report.get("status", "no report"), "report": report,
-                                   "rows": 0, "log_tail": output[-3000:]}
-            if sub.is_file():
-                test_ids, _ = list_images(data, "test")
-                if settings.get("limit_test") and not rerun:
-                    test_ids = test_ids[: settings["limit_test"]]
-                validate_submission_file(sub, settings["task"], expected_ids=test_ids or None)
-                run["rows"] = len(read_submission(sub, settings["task"]))
-                if first is None:
-                    first = Path(tmp) / "first_submission.csv"
-                    shutil.copyfile(sub, first)
-                else:
-                    run["same_as_first_layout"] = compare_submissions(sub, first, settings["task"])["identical"]
-            else:
-                run["error"] = "no submission.csv written"
+            run, sub = _run_layout(layout, Path(tmp), data, kernel, script, settings, env, rerun, timeout, stream,
+                                   without, site_dirs)
+            if sub is not None and first is None:
+                first = Path(tmp) / "first_submission.csv"
+                shutil.copyfile(sub, first)
+            elif sub is not None:
+                run["same_as_first_layout"] = compare_submissions(sub, first, settings["task"])["identical"]
             if keep is not None:
                 dst = Path(keep) / layout
                 shutil.rmtree(dst, ignore_errors=True)
-                shutil.copytree(working, dst)
+                shutil.copytree(Path(tmp) / layout / "kaggle" / "working", dst)
             result["runs"][layout] = run
-        if parity and first is not None:
+        not_ok = [f"{layout}: {r['status']}" for layout, r in result["runs"].items() if r["status"] != "ok"]
+        if parity and not_ok:
+            result["parity_skipped"] = f"the kernel's output is not its own submission ({', '.join(not_ok)})"
+        elif parity and first is not None:
             lib = library_submission(data, kernel, settings, Path(tmp) / "library", progress=progress, rerun=rerun)
             result["parity"] = compare_submissions(first, lib, settings["task"])
     return result
 
 
+def exit_status(result: Mapping[str, Any]) -> int:
+    """``glr kernel run``'s exit status: the kernel's own (the first non-zero one over the layouts;
+    1 for a run killed at its time-out), else 1 when the parity found a difference, else 0. A
+    fallback the kernel exits 0 with (the rerun, a commit run with ``commit_mode: fallback``,
+    no test image) is then 0."""
+    for r in result["runs"].values():
+        if r["returncode"]:
+            return r["returncode"] if r["returncode"] > 0 else 1
+    p = result.get("parity")
+    return 1 if p is not None and not p["identical"] else 0
+
+
 def format_result(result: Mapping[str, Any]) -> str:
-    """A few lines for the terminal: each layout's status and time, and the parity."""
+    """A few lines for the terminal: each layout's exit status, status (with the reason or the
+    error of a fallback) and time, and the parity."""
     lines = [f"kernel {result['kernel']}:"]
     for layout, r in result["runs"].items():
         extra = "" if "same_as_first_layout" not in r else \
             (", same submission as the first layout" if r["same_as_first_layout"] else ", DIFFERENT from the first layout")
-        lines.append(f"  {layout:<8} exit {r['returncode']}, status {r['status']}, {r.get('rows', 0)} rows, "
-                     f"{r['seconds']:.1f} s{extra}")
+        exit_ = "timed out" if r.get("timed_out") else f"exit {r['returncode']}"
+        lines.append(f"  {layout:<8} {exit_}, status {r['status']}, {r.get('rows', 0)} rows, {r['seconds']:.1f} s{extra}")
+        if r.get("fallback"):
+            lines.append(f"           the fallback submission is the output: {r.get('why') or 'no reason given'}")
+        elif r["status"] != "ok" and r.get("why"):
+            lines.append(f"           {r['why']}")
+        if r.get("error"):
+            lines.append(f"           {r['error']}")
     p = result.get("parity")
-    if p is not None:
+    if result.get("parity_skipped"):
+        lines.append(f"  parity: not checked: {result['parity_skipped']}")
+    elif p is not None:
         if p["identical"]:
             lines.append(f"  parity: the kernel's submission.csv equals the library's ({p['equal_rows']} rows identical)")
         else:

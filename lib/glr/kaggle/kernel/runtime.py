@@ -16,10 +16,15 @@ Order of work, so that a crash or a time-out never costs the submission:
    commit run), else ``local``; write the fallback submission (the sample's cells for the
    ids it has, empty cells for the rest) atomically. ``commit_mode: fallback`` stops here
    in the commit run;
-4. embed test and index (and train, for the landmark–country re-ranking or recognition)
+4. install from the wheels dataset what the image lacks (faiss) and the packed version of
+   ``prefer_wheels`` (timm: the version that built the model) when it differs from the image's;
+   record the libraries' versions (``environment.libraries`` of the report);
+5. embed test and index (and train, for the landmark–country re-ranking or recognition)
    with every ensemble member; unreadable images are counted and skipped (an unreadable
-   query keeps an empty row, an unreadable index image is left out of the index);
-5. search and post-process with :mod:`glr.predict`'s chain (the one ``glr cv`` runs),
+   query keeps an empty row, an unreadable index image is left out of the index); a member
+   trained with another torch or timm major.minor (or NumPy major) than the running one is
+   logged as a warning naming it (``version_warnings`` of the report);
+6. search and post-process with :mod:`glr.predict`'s chain (the one ``glr cv`` runs),
    then replace the fallback with the real submission, validated, atomically.
 
 Every step is timed; the log ends with a table projecting the total for a hidden set of
@@ -40,12 +45,16 @@ failed). Exit status 1 as well when no submission could be written at all.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,6 +89,7 @@ SETTINGS_DEFAULTS: dict[str, Any] = dict(
     hidden_test_size=None,               # projection: test images in the hidden set
     hidden_index_size=None,              # projection: index images in the hidden set (default: same)
     modules=["faiss"],                   # modules to install from the wheels dataset when missing
+    prefer_wheels=["timm"],              # pure-Python packages whose packed version replaces the image's
     progress=True,
     limit_test=None,                     # local iteration only: the first N test images (ignored in the rerun)
     limit_index=None,                    # local iteration only: the first N index images (ignored in the rerun)
@@ -296,7 +306,21 @@ def write_fallback(out: Path, task: str, test_ids: Sequence[str], sample: Mappin
     return len(rows)
 
 
-# --------------------------------------------------------------------------- wheels
+# --------------------------------------------------------------------------- wheels and versions
+#: The libraries the kernel reports (``glr_kernel_report.json``: ``environment.libraries``), each
+#: as its import name → the distributions that provide it.
+LIBRARIES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",), "torchvision": ("torchvision",), "timm": ("timm",), "numpy": ("numpy",),
+    "PIL": ("pillow",), "cv2": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless",
+                                "opencv-contrib-python"),
+    "scipy": ("scipy",), "sklearn": ("scikit-learn",), "faiss": ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu"),
+}
+#: How much of the version an artifact records (``meta["versions"]``) the running library must match:
+#: torch and timm major.minor (kernels, layer defaults and pretrained configs move between minors),
+#: numpy major (its ABI and sorting move between majors).
+VERSION_PARTS = {"torch": 2, "timm": 2, "numpy": 1}
+
+
 def _importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
@@ -304,25 +328,146 @@ def _importable(module: str) -> bool:
         return False
 
 
-def ensure_modules(modules: Sequence[str], wheels: Path | None) -> list[str]:
-    """Install the wheels of ``wheels`` (``pip --no-index --no-deps --target``, into a temporary
-    folder put first on ``sys.path``) when one of ``modules`` does not import. Returns the
-    modules still missing (the kernel then falls back: torch search instead of faiss)."""
-    missing = [m for m in modules if not _importable(m)]
-    if not missing:
-        return []
-    files = sorted(wheels.glob("*.whl")) if wheels is not None else []
-    if not files:
-        log.warning("%s not importable and no wheels dataset: falling back", ", ".join(missing))
-        return missing
+def _dist_key(name: str) -> str:
+    """A distribution name as wheel file names spell it (``faiss-cpu`` → ``faiss_cpu``)."""
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _installed_version(dist: str) -> str | None:
+    """The version of ``dist`` first found on ``sys.path`` (None when absent)."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    """Import name → version of each of :data:`LIBRARIES` present: ``__version__`` of an imported
+    module (torch's names its build, ``2.14.1+cu130``), else the first distribution found on
+    ``sys.path`` (what an import would load)."""
+    out = {}
+    for module, dists in LIBRARIES.items():
+        version = getattr(sys.modules.get(module), "__version__", None)
+        version = version or next((v for v in map(_installed_version, dists) if v is not None), None)
+        if version is not None:
+            out[module] = str(version)
+    return out
+
+
+def _version_key(version: str, parts: int) -> tuple[int, ...] | None:
+    """The first ``parts`` numbers of a version (``"2.14.1+cu130"`` → ``(2, 14)``), None if unparsable."""
+    m = re.match(r"(\d+)(?:\.(\d+))?", str(version))
+    return None if m is None else tuple(int(x or 0) for x in m.groups())[:parts]
+
+
+def version_warnings(member: str, recorded: Mapping[str, Any], running: Mapping[str, str]) -> list[str]:
+    """One line per library of :data:`VERSION_PARTS` whose running version differs from the one
+    ``member`` was trained with (``recorded``: the artifact's ``meta["versions"]``; an artifact
+    without it, or a library it does not record, is not compared)."""
+    out = []
+    for lib, parts in VERSION_PARTS.items():
+        want, have = recorded.get(lib), running.get(lib)
+        if want and have and _version_key(want, parts) != _version_key(have, parts):
+            level = "major.minor" if parts == 2 else "major"
+            out.append(f"member {member} was trained with {lib} {want}; the kernel runs {lib} {have} "
+                       f"(another {level} version: embeddings may differ)")
+    return out
+
+
+def packed_wheels(wheels: Path | None) -> dict[str, tuple[str, Path]]:
+    """The wheels dataset's wheels as distribution (normalised, see :func:`_dist_key`) → (version,
+    file), read from the names (``{name}-{version}(-{build})-{python}-{abi}-{platform}.whl``)."""
+    out: dict[str, tuple[str, Path]] = {}
+    for f in sorted(wheels.glob("*.whl")) if wheels is not None else []:
+        parts = f.name[: -len(".whl")].split("-")
+        if len(parts) in (5, 6):
+            out[_dist_key(parts[0])] = (parts[1], f)
+    return out
+
+
+def _pip_target(files: Sequence[Path]) -> Path | None:
+    """``pip install --no-index --no-deps --target`` of ``files`` into a new temporary folder
+    (removed when the interpreter exits); the folder, or None when pip fails (logged)."""
     target = Path(tempfile.mkdtemp(prefix="glr_wheels_"))
+    atexit.register(shutil.rmtree, target, True)
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check",
            "--target", str(target), *map(str, files)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        log.warning("pip could not install the wheels (exit %d): %s", done.returncode, done.stderr.strip()[-500:])
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
+        log.warning("pip could not install %s (exit %d): %s", ", ".join(f.name for f in files), done.returncode,
+                    done.stderr.strip()[-500:])
+        return None
+    return target
+
+
+def _forget(module: str) -> None:
+    for name in [m for m in sys.modules if m == module or m.startswith(f"{module}.")]:
+        del sys.modules[name]
+
+
+def prefer_packed(names: Sequence[str], wheels: Path | None) -> list[str]:
+    """Run the wheels dataset's version of each of ``names`` instead of the image's when the two
+    differ: the version that built the model (``glr kernel wheels`` packs it).
+
+    Only for pure-Python distributions imported under their own name (timm): installed with
+    ``--no-deps`` into their own folder put first on ``sys.path``, they run on the image's torch,
+    NumPy and the rest. A package already imported stays the image's; so does one whose packed
+    version fails to import (its folder is taken off ``sys.path`` again). Both are logged.
+
+    Returns:
+        The names now imported from the wheels dataset.
+    """
+    packed, used = packed_wheels(wheels), []
+    for name in names:
+        want, file = packed.get(_dist_key(name), (None, None))
+        have = _installed_version(name)
+        if file is None or want == have:
+            continue
+        if name in sys.modules:
+            log.warning("%s %s is already imported: the packed %s %s cannot replace it", name, have, name, want)
+            continue
+        target = _pip_target([file])
+        if target is None:
+            continue
+        sys.path.insert(0, str(target))
+        importlib.invalidate_caches()
+        try:
+            origin = str(getattr(importlib.import_module(name), "__file__", ""))
+            problem = None if origin.startswith(str(target)) else f"imported from {origin}"
+        except Exception as e:  # noqa: BLE001 - a packed version that breaks on this image is not used
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            used.append(name)
+            log.info("%s %s from the wheels dataset replaces the image's %s", name, want, have or "(none)")
+            continue
+        log.warning("the packed %s %s does not import (%s): using the image's %s", name, want, problem, have)
+        sys.path.remove(str(target))
+        _forget(name)
+        importlib.invalidate_caches()
+    return used
+
+
+def ensure_modules(modules: Sequence[str], wheels: Path | None, prefer: Sequence[str] = ()) -> list[str]:
+    """Make ``modules`` importable and ``prefer`` the packed versions.
+
+    First :func:`prefer_packed` for ``prefer``; then, when one of ``modules`` does not import, every
+    other wheel of ``wheels`` is installed (``pip --no-index --no-deps --target``, into a temporary
+    folder put first on ``sys.path``). Returns the modules still missing (the kernel then falls
+    back: torch search instead of faiss)."""
+    prefer_packed(prefer, wheels)
+    missing = [m for m in modules if not _importable(m)]
+    if not missing:
+        return []
+    skip = {_dist_key(p) for p in prefer}
+    files = [f for f in (sorted(wheels.glob("*.whl")) if wheels is not None else [])
+             if _dist_key(f.name.split("-")[0]) not in skip]
+    if not files:
+        log.warning("%s not importable and no wheels for it: falling back", ", ".join(missing))
+        return missing
+    target = _pip_target(files)
+    if target is not None:
+        sys.path.insert(0, str(target))
+        importlib.invalidate_caches()
     still = [m for m in missing if not _importable(m)]
     log.info("installed %d wheel(s) from %s; %s", len(files), wheels,
              f"still missing: {', '.join(still)}" if still else f"{', '.join(missing)} now import(s)")
@@ -338,14 +483,23 @@ def _environment() -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {"python": sys.version.split()[0], "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu", "fp16": cuda,
-            "search": resolve_backend("auto")}
+            "search": resolve_backend("auto"), "libraries": library_versions()}
+
+
+def _check_versions(member: Any, warnings: list[str]) -> None:
+    """Log (and append to ``warnings``) each library ``member`` was trained with at another version."""
+    for line in version_warnings(member.name, member.meta.get("versions") or {}, library_versions()):
+        log.warning("%s", line)
+        warnings.append(line)
 
 
 def _members(settings: Mapping[str, Any], weights: Path) -> list[Any]:
-    """The ensemble of the settings as :class:`glr.predict.MemberSpec` (files in the weights dataset)."""
+    """The ensemble of the settings as :class:`glr.predict.MemberSpec` (files in the weights dataset,
+    each checked against the sha256 its ``manifest.json`` records)."""
+    from glr.model.weights import listed_artifact  # noqa: PLC0415
     from glr.predict import MemberSpec  # noqa: PLC0415
 
-    return [MemberSpec(weights / m["file"], float(m.get("weight", 1.0)), m.get("image_size"))
+    return [MemberSpec(listed_artifact(weights, m["file"]), float(m.get("weight", 1.0)), m.get("image_size"))
             for m in settings["members"]]
 
 
@@ -379,9 +533,10 @@ def _countries(comp: Path, weights: Path) -> dict[int, str] | None:
 
 
 def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, test_ids: Sequence[str],
-            index_ids: Sequence[str], timer: StepTimer) -> dict[str, Any]:
+            index_ids: Sequence[str], timer: StepTimer, warnings: list[str] | None = None) -> dict[str, Any]:
     """Embed, search, post-process and write ``out`` (validated, atomically) with :mod:`glr.predict`'s
-    chain, the one ``glr cv`` runs. Returns counts."""
+    chain, the one ``glr cv`` runs. Returns counts; each member trained with other library versions
+    than these (:func:`version_warnings`) is logged and appended to ``warnings``."""
     from glr.data.readers import image_path  # noqa: PLC0415
     from glr import predict as chain  # noqa: PLC0415
     from glr.postprocess.cache import GraphCache  # noqa: PLC0415
@@ -404,7 +559,8 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
     emb, ok = chain.embed_ensemble(_members(settings, weights), comp, splits, mode=settings["ensemble_mode"],
                                    batch_size=int(settings["batch_size"]), num_workers=int(settings["num_workers"]),
                                    tta=chain.TTA(bool(settings["tta_flip"]), tuple(settings["tta_scales"])),
-                                   progress=progress, step=timer.step)
+                                   progress=progress, step=timer.step,
+                                   on_load=lambda m: _check_versions(m, [] if warnings is None else warnings))
     t_emb, t_ok = (None, None)
     if needs_train:
         t_emb, t_ok = (train_emb, np.ones(len(train_ids), bool)) if train_emb is not None else (emb["train"], ok["train"])
@@ -519,10 +675,10 @@ def _main(settings: Mapping[str, Any] | None, kaggle_root: str | os.PathLike | N
             raise FileNotFoundError(f"competition data or weights dataset not found under {root / 'input'} "
                                     f"(looked for {s['competition']!r} and {s['weights_dataset']!r})")
         with timer.step("wheels"):
-            report["missing_modules"] = ensure_modules(s["modules"], inputs.wheels)
-        report["environment"] = _environment()
-        log.info("environment: %s", report["environment"])
-        report["counts"].update(predict(s, inputs.competition, inputs.weights, out, test_ids, index_ids, timer))
+            report["missing_modules"] = ensure_modules(s["modules"], inputs.wheels, s["prefer_wheels"])
+        log.info("environment: %s", report.setdefault("environment", _environment()))
+        report["counts"].update(predict(s, inputs.competition, inputs.weights, out, test_ids, index_ids, timer,
+                                        report.setdefault("version_warnings", [])))
         report["status"] = "ok"
         return 0
     except Exception as e:  # noqa: BLE001 - the fallback must survive anything
