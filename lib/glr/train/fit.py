@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import timm
 import torch
 
+from glr.model.archs import ARCHS
 from glr.model.artifact import read_artifact, save_artifact
 from glr.model.heads import HEADS, expand_head_state
 from glr.model.net import LITE0_PACKAGE, build_net
@@ -56,6 +57,8 @@ def check_registered(options: Mapping[str, Any], source: str | os.PathLike | Non
         check_backbone(options["backbone"], source, where, label("backbone"))
     if "head" in options and options["head"] not in HEADS:
         raise InputError(f"{where}{label('head')}: {choice_message(options['head'], list(HEADS))}", source)
+    if "arch" in options and options["arch"] not in ARCHS:
+        raise InputError(f"{where}{label('arch')}: {choice_message(options['arch'], sorted(ARCHS))}", source)
 
 
 def check_config(cfg: TrainConfig, source: str | os.PathLike | None = None, where: str = "") -> None:
@@ -151,6 +154,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
     dm = GLDv2DataModule(str(root), **cfg.group("data"))
     dm.setup("fit")
     net, prev = _net_for_stage(cfg, backbone_given)
+    dm.bind_net(net, prev["data_config"] if prev else None)  # preprocessing the config leaves open
     net.train()
     module = LandmarkModule(net, num_classes=dm.num_classes, class_counts=dm.class_counts, **cfg.group("module"))
     copied = _copy_head_rows(prev, module, dm, cfg.init_from)
