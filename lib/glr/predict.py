@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from glr.arrays import is_rows
-from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, transforms_from_config
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, preprocessing, transforms_from_config
 from glr.data.root import GLDv2Root
 from glr.embeddings.extract import PooledFeatures, default_device, embed_images
 from glr.embeddings.sharded import extract_shards
@@ -79,9 +79,9 @@ class Member:
         return int(self.image_size or self.data_config["image_size"])
 
     def transform(self) -> Callable[[Any], torch.Tensor]:
-        """The eval transform of this member: resize to :attr:`size`, its own mean and std."""
-        return transforms_from_config({"mean": IMAGENET_MEAN, "std": IMAGENET_STD, **self.data_config,
-                                       "image_size": self.size})
+        """The eval transform of this member: resize to :attr:`size` with its own preprocessing (mean, std,
+        interpolation, crop; :func:`glr.data.images.preprocessing` for an artifact that has not all four)."""
+        return transforms_from_config(self.data_config, self.size)
 
     @property
     def val_leak(self) -> bool:
@@ -126,7 +126,7 @@ def embed_split(member: Member, root: str | os.PathLike, split: str, ids: Sequen
                 num_workers: int = 2, device: torch.device | str | None = None, tta: TTA = TTA(),
                 skip_unreadable: bool = True, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Embed images ``ids`` of ``split`` under ``root`` with one member, at its image size and with
-    its own normalisation (the artifact's ``mean`` / ``std``).
+    its own preprocessing (the artifact's ``mean``, ``std``, ``interpolation``, ``crop_pct``).
 
     Returns:
         ``(emb, ok)``: (N, D) float32 L2-normalised rows in ``ids`` order (zero rows for
@@ -134,8 +134,8 @@ def embed_split(member: Member, root: str | os.PathLike, split: str, ids: Sequen
         raises :class:`~glr.utils.InputError` naming it.
     """
     return embed_images(member.net, root, split, list(ids), member.size, batch_size, num_workers, device=device,
-                        progress=progress, flip=tta.flip, scales=tta.scales, mean=member.data_config.get("mean"),
-                        std=member.data_config.get("std"), skip_unreadable=skip_unreadable)
+                        progress=progress, flip=tta.flip, scales=tta.scales, skip_unreadable=skip_unreadable,
+                        **preprocessing(member.data_config))
 
 
 def _loaded(m: Member | MemberSpec) -> Member:
@@ -275,8 +275,7 @@ def embed_to_shards(artifact: str | os.PathLike, root: str | os.PathLike, split:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     tta = TTA(bool(flip), tuple(float(s) for s in scales))
     info = {"artifact_sha256": file_sha256(artifact), "split": split, "image_size": member.size,
-            "flip": tta.flip, "scales": list(tta.scales), "mean": list(member.data_config["mean"]),
-            "std": list(member.data_config["std"])}
+            "flip": tta.flip, "scales": list(tta.scales), **preprocessing(member.data_config)}
     dim = int(getattr(member.net, "embedding_size", 0)) or int(
         member.net(torch.zeros(1, 3, member.size, member.size)).shape[1])
 

@@ -1,4 +1,11 @@
 """Images: safe loading, transforms, and the datasets that feed training and extraction.
+
+Preprocessing is four settings, stored in every artifact's data config: ``mean``, ``std``,
+``interpolation`` and ``crop_pct`` (training takes those its config leaves open from what the weights
+were trained with: the ``init_from`` artifact's, or the backbone's pretrained config for pretrained
+weights; :meth:`glr.train.datamodule.GLDv2DataModule.preprocessing`). A data
+config without some of them (artifacts written before they existed) gets :data:`LEGACY_PREPROCESSING`,
+the transform every such artifact was trained and evaluated with.
 """
 
 from __future__ import annotations
@@ -23,6 +30,39 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+#: Resize interpolations (torchvision's ``InterpolationMode`` values; timm's pretrained configs use
+#: ``bilinear`` and ``bicubic``).
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest", "nearest-exact", "lanczos", "box", "hamming")
+
+#: The preprocessing of a data config that does not say (ImageNet mean / std, bilinear square resize).
+LEGACY_PREPROCESSING: dict[str, Any] = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                                        "interpolation": "bilinear", "crop_pct": 1.0}
+
+
+def interpolation_mode(name: str) -> T.InterpolationMode:
+    """torchvision's mode for an :data:`INTERPOLATIONS` name.
+
+    Raises:
+        InputError: another name.
+    """
+    if name not in INTERPOLATIONS:
+        raise InputError(f"interpolation: expected one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return T.InterpolationMode(name)
+
+
+def preprocessing(config: dict[str, Any]) -> dict[str, Any]:
+    """``mean``, ``std``, ``interpolation`` and ``crop_pct`` of a data config, each missing (or null)
+    one from :data:`LEGACY_PREPROCESSING`: the keyword arguments of :func:`make_transforms`."""
+    out = {**LEGACY_PREPROCESSING, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    for k in ("mean", "std"):
+        if config.get(k) is not None:
+            out[k] = [float(v) for v in config[k]]
+    if config.get("interpolation") is not None:
+        out["interpolation"] = str(config["interpolation"])
+    if config.get("crop_pct") is not None:
+        out["crop_pct"] = float(config["crop_pct"])
+    return out
+
 
 def make_transforms(
     image_size: int,
@@ -31,6 +71,8 @@ def make_transforms(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     random_erasing: float = 0.0,
+    interpolation: str = "bilinear",
+    crop_pct: float = 1.0,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image → normalised float tensor ``(3, image_size, image_size)``.
 
@@ -38,13 +80,23 @@ def make_transforms(
     (off by default: landmarks are chiral, text and layout flip), ColorJitter(0.2, 0.2,
     0.2), and with ``random_erasing`` > 0 the re-ID trick of Zhong et al. (AAAI 2020):
     with that probability a random rectangle (2-33% of the area) of the normalised
-    tensor is filled with noise. Eval: plain square Resize. Both end with ToTensor and
-    Normalize.
+    tensor is filled with noise. Eval: the whole image resized to a square
+    (``crop_pct`` 1: nothing of the landmark is cut); with ``crop_pct`` < 1, resized to the
+    square ``round(image_size / crop_pct)`` and centre-cropped to ``image_size`` (timm's
+    ``crop_mode='squash'``: the aspect ratio is not kept, as in the square resize). Both end
+    with ToTensor and Normalize; every resize uses ``interpolation`` (antialiased: PIL images).
     """
+    mode = interpolation_mode(interpolation)
+    if not 0 < crop_pct <= 1:
+        raise InputError(f"crop_pct: expected a number in (0, 1], got {crop_pct!r}")
     norm = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
     if not train:
-        return T.Compose([T.Resize((image_size, image_size)), *norm])
-    ops: list[Callable] = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3))]
+        if crop_pct == 1:
+            return T.Compose([T.Resize((image_size, image_size), interpolation=mode), *norm])
+        scaled = max(image_size, int(round(image_size / crop_pct)))
+        return T.Compose([T.Resize((scaled, scaled), interpolation=mode), T.CenterCrop(image_size), *norm])
+    ops: list[Callable] = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3),
+                                               interpolation=mode)]
     if hflip:
         ops.append(T.RandomHorizontalFlip())
     ops.append(T.ColorJitter(0.2, 0.2, 0.2))
@@ -54,9 +106,12 @@ def make_transforms(
     return T.Compose(ops)
 
 
-def transforms_from_config(config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """The eval transform described by a :meth:`glr.train.datamodule.GLDv2DataModule.data_config` dict."""
-    return make_transforms(int(config["image_size"]), train=False, mean=config["mean"], std=config["std"])
+def transforms_from_config(config: dict[str, Any], image_size: int | None = None
+                           ) -> Callable[[Image.Image], torch.Tensor]:
+    """The eval transform described by a :meth:`glr.train.datamodule.GLDv2DataModule.data_config` dict
+    (at ``image_size`` when given, else the config's; missing preprocessing keys: :func:`preprocessing`)."""
+    size = int(image_size if image_size is not None else config["image_size"])
+    return make_transforms(size, train=False, **preprocessing(config))
 
 
 def load_image(path: str | os.PathLike, image_id: str | None = None) -> Image.Image:

@@ -92,7 +92,8 @@ def embed_images(net: nn.Module, root: str | os.PathLike, split: str, ids: Seque
                  batch_size: int = 64, num_workers: int = 2, device: torch.device | str | None = None,
                  progress: bool = True, flip: bool = False, scales: Sequence[float] = (1.0,),
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 skip_unreadable: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 skip_unreadable: bool = False, interpolation: str = "bilinear",
+                 crop_pct: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Embed images ``ids`` of ``split`` under ``root`` at ``image_size``, with test-time augmentation.
 
     ``flip`` adds the mirrored image; ``scales`` (e.g. 0.707, 1, 1.414) embeds at
@@ -100,7 +101,10 @@ def embed_images(net: nn.Module, root: str | os.PathLike, split: str, ids: Seque
     averaged per scale, the scales averaged, each average re-normalised.
 
     Args:
-        mean, std: normalisation (default ImageNet's, what every artifact records).
+        mean, std, interpolation, crop_pct: preprocessing (:func:`glr.data.images.make_transforms`;
+            default ImageNet's mean / std and a bilinear square resize, what artifacts without
+            these keys were trained with; :func:`glr.data.images.preprocessing` reads them from a
+            data config).
         skip_unreadable: an unreadable image gets a zero row and ``ok=False`` instead of
             raising :class:`~glr.utils.InputError`.
 
@@ -117,7 +121,8 @@ def embed_images(net: nn.Module, root: str | os.PathLike, split: str, ids: Seque
     device_ = torch.device(device) if device is not None else default_device()
     for s in scales:
         size = max(8, int(round(image_size * s)))
-        transform = make_transforms(size, train=False, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
+        transform = make_transforms(size, train=False, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
+                                    interpolation=interpolation, crop_pct=crop_pct)
         ds: Dataset = ImageDataset(root, split, list(ids), transform=transform)
         if skip_unreadable:
             ds = SafeImages(ds, size)

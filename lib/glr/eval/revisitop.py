@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, make_transforms
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, load_image, make_transforms, preprocessing
 from glr.embeddings.extract import extract_embeddings
 from glr.postprocess.expansion import combine_embeddings
 from glr.predict import load_member
@@ -205,12 +205,16 @@ def _crop_box(bbx: Any) -> tuple[int, int, int, int] | None:
 
 def embed_images_at(net: Any, paths: Sequence[Path], image_size: int, boxes: Sequence[Any] | None = None,
                     batch_size: int = 32, progress: bool = True, mean: Sequence[float] | None = None,
-                    std: Sequence[float] | None = None) -> np.ndarray:
-    """Embed image files (cropped to ``boxes`` when given) at ``image_size``; (N, D) float32."""
+                    std: Sequence[float] | None = None, interpolation: str = "bilinear",
+                    crop_pct: float = 1.0) -> np.ndarray:
+    """Embed image files (cropped to ``boxes`` when given) at ``image_size``; (N, D) float32
+    (preprocessing as :func:`glr.data.images.make_transforms`; default: ImageNet's mean / std, bilinear
+    square resize)."""
     import torch  # noqa: PLC0415
     from torch.utils.data import DataLoader, Dataset  # noqa: PLC0415
 
-    transform = make_transforms(image_size, train=False, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
+    transform = make_transforms(image_size, train=False, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD,
+                                interpolation=interpolation, crop_pct=crop_pct)
 
     class _Files(Dataset):
         def __len__(self) -> int:
@@ -245,7 +249,7 @@ def evaluate_model(root: str | os.PathLike, gnd_path: str | os.PathLike, artifac
     q_blocks, db_blocks = [], []
     for a in artifacts:
         m = load_member(a, image_size=image_size)
-        kw = dict(batch_size=batch_size, progress=progress, mean=m.data_config.get("mean"), std=m.data_config.get("std"))
+        kw = dict(batch_size=batch_size, progress=progress, **preprocessing(m.data_config))
         db_blocks.append(embed_images_at(m.net, db_paths, m.size, **kw))
         q_blocks.append(embed_images_at(m.net, q_paths, m.size, boxes=[g["bbx"] for g in cfg["gnd"]], **kw))
     q, db = combine_embeddings(q_blocks), combine_embeddings(db_blocks)

@@ -7,3 +7,4 @@ its name here.
 """
 
 from glr.model import adapters, heads  # noqa: F401  (the modules that register heads and adapters)
+from glr.model import dolg, hybrid  # noqa: F401  (the modules that register architectures)

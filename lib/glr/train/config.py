@@ -16,8 +16,10 @@ flags from :func:`options` and ``glr --help`` stays fast. The checks that need t
 backbone a timm model, the head a name in ``glr.model.heads``' registry, which plugins may extend
 at run time?) live in :func:`glr.train.fit.check_registered`. The fixed choices below are static
 copies of the names their owners define (``glr.data.root.TRAIN_SETS``, ``glr.train.samplers.SAMPLERS``,
-``glr.train.module.OPTIMIZERS``, Lightning's precision literals; ``glr.train.fit.LOGGERS``);
-``tests/test_config.py`` (``tests/test_resume.py`` for the loggers) checks that each copy equals its source.
+``glr.train.module.OPTIMIZERS``, Lightning's precision literals, ``glr.model.layers.TOKEN_POOLS``,
+``glr.data.images.INTERPOLATIONS``, ``glr.train.fit.LOGGERS``); ``tests/test_config.py``, ``tests/test_tokens.py``
+and ``tests/test_resume.py`` check that each copy equals its source. ``arch`` is checked against the registry
+like ``head``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "16-mixed", "bf16-true",
                                "transformer-engine", "transformer-engine-float16", "32", "16", "bf16", "64")
 #: ``glr.train.fit.LOGGERS``: Lightning's CSV, TensorBoard, MLflow and W&B (offline) loggers.
 LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "mlflow", "wandb")
+#: ``glr.model.layers.TOKEN_POOLS``.
+TOKEN_POOLS: tuple[str, ...] = ("gem", "avg", "cls")
+#: ``glr.data.images.INTERPOLATIONS``.
+INTERPOLATIONS: tuple[str, ...] = ("bilinear", "bicubic", "nearest", "nearest-exact", "lanczos", "box", "hamming")
 #: ``glr.model.net.LITE0_PACKAGE``: the offline ImageNet weights of efficientnet_lite0.
 LITE0_PACKAGE = "efficientnet-lite0-package"
 
@@ -73,6 +79,11 @@ def _ge(x: float) -> tuple[Callable[[Any], bool], str]:
 
 _UNIT = ((lambda v: 0 <= v <= 1), "in [0, 1]")
 _UNIT_OPEN = ((lambda v: 0 <= v < 1), "in [0, 1)")
+_RGB = ((lambda v: len(v) == 3), "of 3 numbers (R, G, B)")
+#: where unset preprocessing options come from (glr.train.datamodule.GLDv2DataModule.preprocessing)
+_PRE = ("the init_from artifact's, else the backbone's pretrained config for pretrained weights, else ImageNet's "
+        "mean / std, bilinear")
+_RGB_POS = ((lambda v: len(v) == 3 and min(v) > 0), "of 3 numbers > 0 (R, G, B)")
 
 
 @dataclass(frozen=True)
@@ -93,6 +104,25 @@ class TrainConfig:
     drop_rate: float = _opt(0.0, "dropout before the neck", "net", check=_UNIT_OPEN)
     last_stride: bool = _opt(False, "ResNet family: stride 1 in the last stage (re-ID trick)", "net")
     bnneck: bool = _opt(False, "bias-free neck BatchNorm (BNNeck, re-ID trick)", "net")
+    arch: str = _opt("gem", "architecture, a name in the glr.model.archs registry (built in: gem = backbone + "
+                            "pooling, dolg, hybrid)", "net")
+    token_pool: str = _opt("gem", "how gem pools a token backbone (ViT, DeiT, EVA): gem over the patch tokens, "
+                                  "avg over them, or the class token (cls)", "net", choices=TOKEN_POOLS)
+    backbone_args: dict[str, float] | None = _opt(None, "more timm.create_model arguments, a mapping such as "
+                                                        "{drop_path_rate: 0.1}", "net")
+    # arch options (dolg, hybrid: glr.model.dolg, glr.model.hybrid; other archs ignore them)
+    dolg_dim: int = _opt(512, "dolg: width C of the local and global branches (the neck sees 2C)", "net",
+                         check=_ge(1))
+    hybrid_stage: int | None = _opt(None, "hybrid: the CNN's feature stage fed to the Swin, an index into timm's "
+                                          "feature_info (negative from the end; default: the first of stride >= 8)",
+                                    "net")
+    hybrid_dim: int = _opt(128, "hybrid: width of the first Swin stage", "net", check=_ge(1))
+    hybrid_depth: int = _opt(2, "hybrid: blocks per Swin stage", "net", check=_ge(1))
+    hybrid_stages: int = _opt(2, "hybrid: Swin stages (each after the first halves the grid, doubles width and "
+                                 "heads)", "net", check=_ge(1))
+    hybrid_heads: int = _opt(4, "hybrid: attention heads of the first Swin stage (must divide hybrid_dim)", "net",
+                             check=_ge(1))
+    hybrid_window: int = _opt(7, "hybrid: Swin window side in tokens", "net", check=_ge(1))
     # head and loss (LandmarkModule)
     head: str = _opt("arcface", "margin head, a name in the glr.model.heads registry (built in: arcface, "
                                 "subcenter_arcface, cosface)", "module")
@@ -106,6 +136,15 @@ class TrainConfig:
     class_weight_power: float = _opt(0.0, "class loss weights ∝ count^-power (0: off)", "module", check=_ge(0))
     # data (GLDv2DataModule)
     image_size: int = _opt(96, "training image size", "data", check=_ge(1))
+    mean: list[float] | None = _opt(None, "normalisation mean, R,G,B (default: the weights'; " + _PRE + ")",
+                                    "data", check=_RGB)
+    std: list[float] | None = _opt(None, "normalisation std, R,G,B (default: the weights', as mean)", "data",
+                                   check=_RGB_POS)
+    interpolation: str | None = _opt(None, "resize interpolation (default: the weights', as mean)", "data",
+                                     choices=INTERPOLATIONS)
+    crop_pct: float | None = _opt(1.0, "eval crop: resize to image_size / crop_pct, keep the centre image_size; "
+                                       "1 (default): the whole image resized to a square; null: the weights', "
+                                       "as mean", "data", check=((lambda v: 0 < v <= 1), "in (0, 1]"))
     train_set: str = _opt("clean", "training set", "data", choices=TRAIN_SETS)
     min_samples: int = _opt(2, "landmarks with fewer training images are dropped", "data", check=_ge(1))
     val_fraction: float = _opt(0.0, "hold out this fraction of train images for val/loss and val/acc", "data",
@@ -176,7 +215,7 @@ class TrainConfig:
         return dataclasses.replace(self, **check_options(options or {}, source, where)) if options else self
 
     def to_dict(self) -> dict[str, Any]:
-        """Every option, in field order (``continent_probs`` copied)."""
+        """Every option, in field order (``continent_probs``, ``mean`` and ``std`` copied)."""
         return {f.name: _copy(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def group(self, name: str) -> dict[str, Any]:
@@ -191,7 +230,7 @@ class TrainConfig:
 
 
 def _copy(v: Any) -> Any:
-    return dict(v) if isinstance(v, dict) else v
+    return dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
 
 
 _DEFAULT = TrainConfig()
@@ -246,6 +285,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(a) for a in get_args(hint) if a is not NoneType)
     if get_origin(hint) is dict:
         return "a mapping of name: number"
+    if get_origin(hint) is list:
+        return "a list"
     return {bool: "true or false", int: "an integer", float: "a float", str: "a string"}[hint]
 
 
@@ -254,6 +295,8 @@ def _metavar(hint: Any) -> str:
         return "|".join(_metavar(a) for a in get_args(hint) if a is not NoneType)
     if get_origin(hint) is dict:
         return "MAPPING"
+    if get_origin(hint) is list:
+        return "A,B,C"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}[hint]
 
 
@@ -331,6 +374,24 @@ def _to_mapping(v: Any) -> dict[str, float]:
     return {str(k): _to_float(x) for k, x in v.items()}
 
 
+def _to_floats(v: Any) -> list[float]:
+    """A YAML list, or a flag / --set text: ``0.5,0.5,0.5`` or ``[0.5, 0.5, 0.5]``."""
+    if isinstance(v, str):
+        text = v.strip()
+        if text.startswith("["):
+            import yaml
+
+            try:
+                v = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise _Bad from None
+        else:
+            v = [x for x in text.split(",")] if text else []
+    if not isinstance(v, (list, tuple)) or not v:
+        raise _Bad
+    return [float(_to_float(x)) for x in v]
+
+
 _SCALARS: dict[type, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
@@ -350,6 +411,8 @@ def _to_type(hint: Any, v: Any) -> Any:
         raise _Bad
     if get_origin(hint) is dict:
         return _to_mapping(v)
+    if get_origin(hint) is list:
+        return _to_floats(v)
     return _SCALARS[hint](v)
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from glr.data.geo import load_landmark_continents
-from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, make_transforms
+from glr.data.images import ImageDataset, make_transforms, preprocessing
 from glr.data.readers import _check_split
 from glr.data.root import TRAIN_SETS, GLDv2Root, TrainingSet, build_label_map
 from glr.train.samplers import build_sampler
@@ -51,6 +51,8 @@ class GLDv2DataModule(pl.LightningDataModule):
         random_erasing: probability of random erasing in training (0 = off).
         allow_val_leak: let the training set keep validation queries' ground truth
             (see :meth:`GLDv2Root.training_set`).
+        mean, std, interpolation, crop_pct: preprocessing (:func:`glr.data.images.make_transforms`);
+            ``None``: what the network's weights were trained with (:meth:`preprocessing`).
     """
 
     def __init__(
@@ -70,6 +72,10 @@ class GLDv2DataModule(pl.LightningDataModule):
         clean_prob: float | None = None,
         random_erasing: float = 0.0,
         allow_val_leak: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
+        crop_pct: float | None = 1.0,
     ):
         super().__init__()
         if train_set not in TRAIN_SETS:
@@ -95,6 +101,35 @@ class GLDv2DataModule(pl.LightningDataModule):
         self.val_splits: list[str] = []
         self.subset_pairs: list[tuple[str, int]] = []
         self._is_setup = False
+        self._inherited: dict[str, Any] | None = None
+
+    def bind_net(self, net: torch.nn.Module, parent: Mapping[str, Any] | None = None) -> None:
+        """Take the preprocessing the config leaves open from what ``net``'s weights were trained with:
+        the data config of the artifact they come from (``parent``, an ``init_from`` stage's), else the
+        backbone's pretrained config when it starts from pretrained weights (``net.weights_preprocessing``).
+        Under :meth:`lightning.pytorch.Trainer.fit` an unbound module finds the trained ``net`` itself."""
+        if parent is not None:
+            self._inherited = preprocessing(dict(parent))  # an artifact without the keys: the legacy ones
+        else:
+            self._inherited = dict(getattr(net, "weights_preprocessing", None) or {})
+
+    def preprocessing(self) -> dict[str, Any]:
+        """``mean``, ``std``, ``interpolation``, ``crop_pct`` of every transform here and of the artifact.
+
+        Each one set in the config wins; the others are what the weights were trained with
+        (:meth:`bind_net`): the ``init_from`` artifact's, or for pretrained weights the backbone's pretrained
+        config (``timm.data.resolve_model_data_config``: 0.5 / 0.5 and bicubic for many ViTs, bicubic for
+        efficientnet_lite0); random weights have nothing to match and get
+        :data:`glr.data.images.LEGACY_PREPROCESSING` (ImageNet mean / std, bilinear), as does a data
+        module with no network bound.
+        """
+        hp = self.hparams
+        if self._inherited is None and self.trainer is not None:
+            net = getattr(self.trainer.lightning_module, "net", None)
+            if net is not None:
+                self.bind_net(net)
+        given = {k: hp.get(k) for k in ("mean", "std", "interpolation", "crop_pct")}
+        return preprocessing({**(self._inherited or {}), **{k: v for k, v in given.items() if v is not None}})
 
     @property
     def gldv2(self) -> GLDv2Root:
@@ -201,7 +236,8 @@ class GLDv2DataModule(pl.LightningDataModule):
         hp = self.hparams
         ds = ImageDataset(
             self.gldv2.root, self.train_splits, self.train_ids, self.train_labels,
-            make_transforms(hp.image_size, train=True, hflip=hp.hflip, random_erasing=hp.random_erasing),
+            make_transforms(hp.image_size, train=True, hflip=hp.hflip, random_erasing=hp.random_erasing,
+                            **self.preprocessing()),
         )
         world, rank = 1, 0
         trainer = getattr(self, "trainer", None)
@@ -228,7 +264,7 @@ class GLDv2DataModule(pl.LightningDataModule):
             return []
         ds = ImageDataset(
             self.gldv2.root, self.val_splits, self.val_ids, self.val_labels,
-            make_transforms(self.hparams.image_size, train=False),
+            make_transforms(self.hparams.image_size, train=False, **self.preprocessing()),
         )
         return self._loader(ds, shuffle=False, drop_last=False)
 
@@ -248,22 +284,23 @@ class GLDv2DataModule(pl.LightningDataModule):
                 ids = [i for i, sp in zip(self.training.ids, self.training.splits) if sp == "train"]
             else:
                 ids = self.gldv2.index_ids() if split == "index" else self.gldv2.test_ids()
-        ds = ImageDataset(self.gldv2.root, split, ids, None, make_transforms(self.hparams.image_size, train=False))
+        transform = make_transforms(self.hparams.image_size, train=False, **self.preprocessing())
+        ds = ImageDataset(self.gldv2.root, split, ids, None, transform)
         return self._loader(ds, shuffle=False, drop_last=False)
 
     def data_config(self) -> dict[str, Any]:
         """JSON-serialisable description of the preprocessing and classes.
 
         Stored inside model artifacts so inference needs no training config; feed it to
-        :func:`transforms_from_config`. ``label_map`` keys are ``str(landmark_id)``;
+        :func:`transforms_from_config`. ``mean``, ``std``, ``interpolation``, ``crop_pct``: as
+        :meth:`preprocessing` resolves them. ``label_map`` keys are ``str(landmark_id)``;
         ``class_counts`` are the training images per class (dynamic margins need them).
         """
         self._require_setup()
         hp = self.hparams
         return {
             "image_size": int(hp.image_size),
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            **self.preprocessing(),
             "train_set": hp.train_set,
             "val_leak": bool(self.training.val_leak) if self.training else False,
             "min_samples": int(hp.min_samples),

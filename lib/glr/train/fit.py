@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import timm
 import torch
 
+from glr.model.archs import ARCHS
 from glr.model.artifact import ARTIFACT_SUFFIX, net_from_payload, read_artifact, save_artifact
 from glr.model.heads import HEADS, expand_head_state
 from glr.model.net import LITE0_PACKAGE, build_net
@@ -69,6 +70,8 @@ def check_registered(options: Mapping[str, Any], source: str | os.PathLike | Non
         check_backbone(options["backbone"], source, where, label("backbone"))
     if "head" in options and options["head"] not in HEADS:
         raise InputError(f"{where}{label('head')}: {choice_message(options['head'], list(HEADS))}", source)
+    if "arch" in options and options["arch"] not in ARCHS:
+        raise InputError(f"{where}{label('arch')}: {choice_message(options['arch'], sorted(ARCHS))}", source)
 
 
 def check_config(cfg: TrainConfig, source: str | os.PathLike | None = None, where: str = "") -> None:
@@ -95,18 +98,37 @@ def check_logger(name: str, source: str | os.PathLike | None = None, where: str 
         raise InputError(f"{where}logger: {name!r} needs the {package} package (pip install {package})", source)
 
 
-def _net_for_stage(cfg: TrainConfig, backbone_given: bool) -> tuple[torch.nn.Module, dict | None]:
-    """The network a stage starts from: the previous artifact's weights (its architecture
-    wins; a different ``backbone`` asked for explicitly is an error), or a new one from
-    ``cfg``. Also returns the artifact payload (None for a new network)."""
+def _read_parent(cfg: TrainConfig, given: Mapping[str, bool]) -> dict | None:
+    """The ``init_from`` artifact's payload (None without one), read before any data: plain data only
+    (never unpickled). Its architecture wins; a different ``backbone`` or ``arch`` asked for explicitly
+    (``given[key]``) is one line naming the artifact."""
     if not cfg.init_from:
-        return build_net(cfg.group("net")), None
-    payload = read_artifact(cfg.init_from)  # plain data only: never unpickles code
-    net = net_from_payload(payload, cfg.init_from)  # a state dict that does not fit: one line
-    if backbone_given and cfg.backbone != net.model_args["backbone"]:
-        raise InputError(f"init_from holds a {net.model_args['backbone']} network, the stage asks for "
-                         f"{cfg.backbone}", cfg.init_from)
-    return net, payload
+        return None
+    payload = read_artifact(cfg.init_from)
+    args = payload["model_args"]
+    for key, default in (("backbone", None), ("arch", "gem")):
+        have = args.get(key, default)
+        if given.get(key) and getattr(cfg, key) != have:
+            raise InputError(f"init_from holds a {key} {have!r} network, the stage asks for {getattr(cfg, key)!r}",
+                             cfg.init_from)
+    return payload
+
+
+def _net_for_stage(cfg: TrainConfig, prev: dict | None) -> torch.nn.Module:
+    """The network a stage starts from: the previous artifact's (``prev``, :func:`_read_parent`)
+    weights, or a new one from ``cfg``."""
+    if prev is None:
+        return build_net(cfg.group("net"))
+    return net_from_payload(prev, cfg.init_from)  # a state dict that does not fit: one line
+
+
+def _provenance(cfg: TrainConfig) -> dict[str, Any]:
+    """The options as the artifact records them: no ``init_from`` (its file name and sha256 are
+    recorded apart) and a ``pretrained`` weights file by its name only (no path leaves the machine)."""
+    opts = {k: v for k, v in cfg.to_dict().items() if k != "init_from"}
+    if opts.get("pretrained") and opts["pretrained"] != LITE0_PACKAGE:
+        opts["pretrained"] = Path(opts["pretrained"]).name
+    return opts
 
 
 def _copy_head_rows(prev: dict | None, module: LandmarkModule, dm: GLDv2DataModule, init_from: str | None) -> int:
@@ -209,7 +231,9 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
     check_config(cfg)
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise InputError("init_from: model artifact not found", cfg.init_from)
-    backbone_given = "backbone" in options or (config is not None and config.backbone != TRAIN_DEFAULTS["backbone"])
+    given = {k: k in options or (config is not None and getattr(config, k) != TRAIN_DEFAULTS[k])
+             for k in ("backbone", "arch")}
+    prev = _read_parent(cfg, given)
     out = Path(out)
     ckpt, sidecar = plan_resume(cfg, out)
     pl.seed_everything(cfg.seed, workers=True)
@@ -218,7 +242,8 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
     dm.setup("fit")
     check_data(ckpt, sidecar, {"num_classes": dm.num_classes, "n_train": len(dm.train_ids)})
     resumed = None if ckpt is None else int(sidecar["epochs_done"])  # the sidecar moves on with the run
-    net, prev = _net_for_stage(cfg, backbone_given)
+    net = _net_for_stage(cfg, prev)
+    dm.bind_net(net, prev["data_config"] if prev else None)  # preprocessing the config leaves open
     net.train()
     module = LandmarkModule(net, num_classes=dm.num_classes, class_counts=dm.class_counts, **cfg.group("module"))
     copied = _copy_head_rows(prev, module, dm, cfg.init_from)
@@ -238,7 +263,7 @@ def train(root: str | os.PathLike, out: str | os.PathLike, progress: bool = True
         train_seconds=round(time.time() - t0, 1),  # of this run: a resumed one counts from its restart
         resumed_from_epoch=resumed,
         final_loss=float(trainer.callback_metrics.get("train/loss_epoch", float("nan"))),
-        options={k: v for k, v in cfg.to_dict().items() if k != "init_from"},
+        options=_provenance(cfg),
         # bit-identical reruns need the same seed, workers, threads and CPU kind (tests/test_determinism.py)
         torch_threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
     )
