@@ -199,9 +199,9 @@ def test_a_stage_asking_another_arch_or_backbone_than_its_parent_stops_before_an
                            {"image_size": 32})
     missing = tmp_path / "no_such_root"
     with pytest.raises(InputError, match=r"gem\.safetensors: init_from holds a arch 'gem' network, the stage asks "
-                                         r"for 'dolg'"):
+                                         r"for arch 'dolg'"):
         train(missing, tmp_path / "run", progress=False, init_from=str(parent), arch="dolg")
-    with pytest.raises(InputError, match=r"init_from holds a backbone 'test_resnet' network, the stage asks for "
-                                         r"'test_efficientnet'"):
+    with pytest.raises(InputError, match=r"init_from holds a test_resnet network, the stage asks for "
+                                         r"test_efficientnet"):
         train(missing, tmp_path / "run", progress=False, init_from=str(parent), backbone="test_efficientnet")
     assert not (tmp_path / "run").exists()

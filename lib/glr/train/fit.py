@@ -109,8 +109,8 @@ def _read_parent(cfg: TrainConfig, given: Mapping[str, bool]) -> dict | None:
     for key, default in (("backbone", None), ("arch", "gem")):
         have = args.get(key, default)
         if given.get(key) and getattr(cfg, key) != have:
-            raise InputError(f"init_from holds a {key} {have!r} network, the stage asks for {getattr(cfg, key)!r}",
-                             cfg.init_from)
+            what = (have, getattr(cfg, key)) if key == "backbone" else (f"arch {have!r}", f"arch {getattr(cfg, key)!r}")
+            raise InputError(f"init_from holds a {what[0]} network, the stage asks for {what[1]}", cfg.init_from)
     return payload
 
 
