@@ -115,7 +115,8 @@ def kaggle_api() -> KaggleApi:
         with contextlib.redirect_stdout(kaggle_output):
             from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as e:
-        raise InputError(f"the kaggle client is not installed ({e}); it is pinned in requirements.txt") from None
+        raise InputError(f"the kaggle client is not installed ({e}); pip install 'glr[kaggle]' (make venv "
+                         "installs the pinned one)") from None
     except OSError as e:  # the import creates the kaggle config folder
         raise InputError(f"cannot set up the kaggle client: {e}") from None
     api = KaggleApi()
