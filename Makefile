@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench dist clean
+.PHONY: venv demo test test-fast bench dist clean gpu-wheels gpu-check-dry
 
 # the lock, then glr itself (editable, its declared dependencies already pinned by the lock)
 $(STAMP): requirements.txt pyproject.toml lib/glr/__init__.py
@@ -41,6 +41,14 @@ dist: $(STAMP)
 	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w dist .
 	rm -rf build
 	@ls dist/glr-*.whl
+
+## the faiss GPU build the device check carries (.whl/, ~57 MiB; bench/gpu_wheels.py says which wheel and why)
+gpu-wheels: $(STAMP)
+	$(PY) bench/gpu_wheels.py --out .whl --cache build/gpu-wheels
+
+## the device check at tiny sizes on this CPU (run before a device call: bash bench/gpu_check.sh)
+gpu-check-dry: $(STAMP)
+	bash bench/gpu_check.sh --dry-run
 
 clean:
 	rm -rf runs build dist submission/*.csv submission/*.json submission/*.png

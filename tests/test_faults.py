@@ -207,22 +207,24 @@ def test_cv_strict_images_fails_naming_the_image_and_keeps_earlier_outputs(fault
 
 
 def test_ensemble_members_ok_masks_are_combined(faulty, monkeypatch):
-    """An image one member cannot read is unreadable for the ensemble (its row zeroed)."""
+    """An image that cannot be read is unreadable for the ensemble (its row zeroed); each image is
+    decoded once for every member (one pass over the split)."""
     from glr import predict
+    from glr.embeddings.extract import ViewEmbeddings
 
     calls = []
 
-    def fake(net, root, split, ids, size, *a, **kw):
-        calls.append(split)
+    def fake(branches, root, split, ids, **kw):
+        calls.append((split, len(branches)))
         ok = np.ones(len(ids), bool)
-        ok[len(calls) % len(ids)] = False  # each call: another image unreadable
-        return np.ones((len(ids), 4), np.float32), ok
+        ok[[1, 2]] = False
+        return ViewEmbeddings([np.ones((len(ids), 4), np.float32) for _ in branches], ok, len(ids))
 
-    monkeypatch.setattr(predict, "embed_images", fake)
+    monkeypatch.setattr(predict, "embed_views", fake)
     ids = faulty["ids"]["index"][:10]
     emb, ok = predict.embed_ensemble([predict.MemberSpec(a) for a in faulty["arts"]], GLDv2Root.open(faulty["root"]).root,
                                      {"index": ids}, batch_size=8, num_workers=0, progress=False)
-    assert calls == ["index", "index"]
+    assert calls == [("index", 2)]
     assert list(np.flatnonzero(~ok["index"])) == [1, 2]
     norms = np.linalg.norm(emb["index"], axis=1)
     assert np.all(norms[[1, 2]] == 0) and np.allclose(np.delete(norms, [1, 2]), 1)

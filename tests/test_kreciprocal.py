@@ -9,6 +9,7 @@ import pytest
 from glr.postprocess import kreciprocal as kr
 from glr.postprocess.kreciprocal import (joint_graph, k_reciprocal_dist, k_reciprocal_exact,
                                          k_reciprocal_rerank)
+from glr.search import IndexSpec, knn
 
 F32 = np.float32
 
@@ -217,17 +218,15 @@ def test_tiny_joint_set_smaller_than_k1():
 
 
 # --------------------------------------------------------------------------- joint graph
-@pytest.mark.parametrize("use_torch", [True, False])
-def test_joint_graph_against_brute_force_with_ties(monkeypatch, use_torch):
-    if not use_torch:
-        monkeypatch.setattr(kr, "_import_torch", lambda: None)
+@pytest.mark.parametrize("backend", ["torch", "numpy", "auto"])
+def test_joint_graph_against_brute_force_with_ties(backend):
     rng = np.random.default_rng(5)
     x = rng.integers(-2, 3, size=(40, 6)).astype(F32)  # integer dot products: exact ties
     x[7] = x[3]
     x[20] = x[3]
     s = x @ x.T
     for k, batch in [(5, None), (5, 7), (40, 9), (50, None)]:
-        S, I, smin = joint_graph(x, k, batch=batch)
+        S, I, smin = joint_graph(x, k, batch=batch, backend=backend)
         kk = min(k, 40)
         order = np.lexsort((np.broadcast_to(np.arange(40), s.shape), -s), axis=1)[:, :kk]
         np.testing.assert_array_equal(I, order)
@@ -280,3 +279,131 @@ def test_errors():
         joint_graph(x, 0)
     with pytest.raises(ValueError, match="NaN"):
         joint_graph(np.full((3, 2), np.nan, F32), 2)
+
+
+# --------------------------------------------------------------------------- the sparse final step
+def clustered(rng, n, d=32, sub=6, n_centres=8, noise=0.3):
+    """Unit rows around centres in a ``sub``-dimensional subspace plus small full-d noise."""
+    basis = np.linalg.qr(np.random.default_rng(99).normal(size=(d, sub)))[0].T
+    centres = np.random.default_rng(98).normal(size=(n_centres, sub))
+    x = (centres[rng.integers(0, n_centres, n)] + noise * rng.normal(size=(n, sub))) @ basis
+    x += 0.02 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(F32)
+
+
+def dense_top(q, db, k1, k2, lam, topk, **kw):
+    """The top-k of ``1 - k_reciprocal_dist`` with exact ties by lower row: the reference of the sparse path."""
+    score = F32(1) - k_reciprocal_dist(q, db, k1, k2, lam, **kw)
+    order = np.lexsort((np.broadcast_to(np.arange(score.shape[1]), score.shape), -score), axis=1)[:, :topk]
+    return np.take_along_axis(score, order, 1), order
+
+
+def dense_rows(caplog):
+    """The ``dense_rows`` the last k-reciprocal run logged (queries computed over their whole row)."""
+    msgs = [r.getMessage() for r in caplog.records if getattr(r, "kr_phase", None) == "Jaccard+final"]
+    return int(msgs[-1].rsplit("dense_rows=", 1)[1])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparse_final_equals_the_dense_top_k(seed, caplog):
+    caplog.set_level("INFO", logger=kr.__name__)
+    rng = np.random.default_rng(10 + seed)
+    q, db = clustered(rng, 9), clustered(rng, 300)
+    if seed == 1:
+        q, db = normed(rng, 9, 16), normed(rng, 300, 16)  # isotropic too
+    for k1, k2, lam, topk in [(20, 6, 0.3, 10), (5, 1, 0.3, 25), (3, 3, 1.0, 7), (8, 2, 0.05, 40)]:
+        S, I = k_reciprocal_rerank(q, db, k1, k2, lam, topk=topk, batch=25 if seed else None)
+        S0, I0 = dense_top(q, db, k1, k2, lam, topk)
+        np.testing.assert_array_equal(I, I0)
+        np.testing.assert_array_equal(S, S0)  # the same bits: one computation per pair
+        assert dense_rows(caplog) == 0  # decided from the candidates alone
+        # and against the O(N²) reference, up to float32 rounding
+        ref = exact_from_features(q, db, k1, k2, lam)
+        np.testing.assert_allclose(S, F32(1) - np.take_along_axis(ref, I, 1), atol=1e-5, rtol=0)
+        kth = np.sort(ref, axis=1)[:, topk - 1]
+        assert np.all(F32(1) - S <= kth[:, None] + 1e-5)  # every kept row is within the reference's top-k
+
+
+def test_sparse_final_with_ties_and_small_index(caplog):
+    caplog.set_level("INFO", logger=kr.__name__)
+    rng = np.random.default_rng(12)
+    q, db = clustered(rng, 6), clustered(rng, 120)
+    db[40:100] = db[7]  # 61 equal rows: exactly tied similarities across the shortlist's end
+    q[2] = db[7]
+    S, I = k_reciprocal_rerank(q, db, 6, 3, 0.3, topk=20)
+    S0, I0 = dense_top(q, db, 6, 3, 0.3, 20)
+    np.testing.assert_array_equal(I, I0)
+    np.testing.assert_array_equal(S, S0)
+    assert dense_rows(caplog) >= 1  # the tie at the end of the shortlist: that row was computed in full
+    # tied rows come by lower row
+    row = I[2][np.isin(I[2], np.r_[7, 40:100])]
+    assert np.all(np.diff(row) > 0)
+    # Ng < topk: every index row, in order
+    S1, I1 = k_reciprocal_rerank(q, db[:30], 6, 3, 0.3, topk=100)
+    S2, I2 = dense_top(q, db[:30], 6, 3, 0.3, 30)
+    assert I1.shape == (6, 30)
+    np.testing.assert_array_equal(I1, I2)
+    np.testing.assert_array_equal(S1, S2)
+    # λ = 0: outside the support every row has final 1, so lower rows win: computed in full
+    S3, I3 = k_reciprocal_rerank(q, db, 6, 1, 0.0, topk=20)
+    S4, I4 = dense_top(q, db, 6, 1, 0.0, 20)
+    np.testing.assert_array_equal(I3, I4)
+    np.testing.assert_array_equal(S3, S4)
+    assert dense_rows(caplog) == len(q)
+
+
+def test_sparse_final_takes_a_precomputed_shortlist():
+    rng = np.random.default_rng(13)
+    q, db = clustered(rng, 8), clustered(rng, 200)
+    S0, I0 = k_reciprocal_rerank(q, db, 10, 3, 0.3, topk=15)
+    for k in (15, 40, 200):  # k = topk: fewer candidates, more rows in full, the same result
+        got = k_reciprocal_rerank(q, db, 10, 3, 0.3, topk=15, shortlist=knn(q, db, k, backend="numpy"))
+        np.testing.assert_array_equal(got[1], I0)
+        np.testing.assert_array_equal(got[0], S0)
+    with pytest.raises(ValueError, match="shortlist has 14 columns"):
+        k_reciprocal_rerank(q, db, 10, 3, 0.3, topk=15, shortlist=knn(q, db, 14))
+    with pytest.raises(ValueError, match="shortlist"):
+        k_reciprocal_rerank(q, db, 10, 3, 0.3, topk=15, shortlist=knn(q[1:], db, 20))
+
+
+# --------------------------------------------------------------------------- approximate search
+def test_approximate_index_reaches_the_joint_graph_and_generous_settings_equal_exact(monkeypatch):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(14)
+    q, db = clustered(rng, 12), clustered(rng, 400)
+    exact = k_reciprocal_rerank(q, db, 10, 3, 0.3, topk=20)
+    seen = []
+    real_knn = kr.knn
+
+    def spy(*args, **kw):
+        seen.append((len(args[1]), kw.get("index"), kw.get("with_min", False)))
+        return real_knn(*args, **kw)
+
+    monkeypatch.setattr(kr, "knn", spy)
+    for spec in (IndexSpec("ivf", nlist=8, nprobe=8), IndexSpec("hnsw", M=16, ef=400)):
+        seen.clear()
+        S, I = k_reciprocal_rerank(q, db, 10, 3, 0.3, topk=20, index=spec)
+        # the joint graph (with its min similarity) through the index, the final search exact
+        assert seen == [(len(q) + len(db), spec, True), (len(db), None, False)]
+        np.testing.assert_array_equal(I, exact[1])
+        np.testing.assert_allclose(S, exact[0], atol=1e-5, rtol=0)
+        d = k_reciprocal_dist(q, db, 10, 3, 0.3, index=spec)
+        np.testing.assert_allclose(d, k_reciprocal_dist(q, db, 10, 3, 0.3), atol=1e-5, rtol=0)
+    # a stingy IVF really is another search: its joint graph differs from the exact one
+    x = np.concatenate([q, db])
+    _, Ia, _ = joint_graph(x, 11, index=IndexSpec("ivf", nlist=32, nprobe=1))
+    _, Ie, _ = joint_graph(x, 11)
+    assert (Ia != Ie).any()
+
+
+def test_missing_neighbours_of_an_approximate_graph_count_as_the_row_itself(caplog):
+    rng = np.random.default_rng(15)
+    q, db = clustered(rng, 5), clustered(rng, 60)
+    S, I, smin = joint_graph(np.concatenate([q, db]), 8)
+    I[3, 5:] = -1
+    S[3, 5:] = -np.inf
+    got = k_reciprocal_rerank(q, db, 6, 2, 0.3, topk=10, graph=(S, I, smin))
+    assert got[1].shape == (5, 10) and "missing" in caplog.text
+    I[3, 5] = -2
+    with pytest.raises(ValueError, match="outside"):
+        k_reciprocal_rerank(q, db, 6, 2, 0.3, topk=10, graph=(S, I, smin))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 
 import cv2
@@ -302,3 +304,175 @@ def test_output_is_a_valid_ranking_even_for_unsorted_input(setup):
     np.testing.assert_array_equal(I2, [[1, 0, 2, -1], [0, 1, 3, -1]])  # ties keep their order
     np.testing.assert_array_equal(S2, np.array([[0.9, 0.2, 0.2, 0.0], [0.3, 0.3, 0.1, 0.7]], np.float32))
     assert st["skipped"] == 6
+
+
+# --------------------------------------------------------------------------- workers and the disk cache
+def _same_stats(a: dict, b: dict) -> None:
+    """The counts of two runs, but wall time, process count and disk-cache counters."""
+    drop = {"seconds", "workers", "features_computed", "features_loaded"}
+    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+def _unreadable_case(setup, images):
+    q_paths, db_paths, _, _, _ = setup
+    db = db_paths + [str(images["missing"]), str(images["broken"])]  # rows 6, 7
+    qp = q_paths + [str(images["missing"]), str(images["qw"])]
+    S = np.array([[0.9, 0.85, 0.8, 0.7], [0.95, 0.5, 0.4, 0.3], [0.9, 0.8, 0.7, 0.6], [0.5, 0.4, 0.3, 0.0]],
+                 np.float32)
+    I = np.array([[6, 1, 4, 7], [7, 1, 5, 6], [4, 5, 0, 1], [1, 5, 0, -1]], np.int64)
+    return qp, db, S, I
+
+
+def test_workers_give_the_in_process_result(setup, images, caplog):
+    qp, db, S, I = _unreadable_case(setup, images)
+    ref = spatial_rerank(qp, db, S, I, time_budget_s=None)
+    assert ref[2]["workers"] == 0 and ref[2]["failed"] == 0 and "features_computed" not in ref[2]
+    for workers in (2, "auto", 1):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="glr.postprocess.spatial"):
+            S2, I2, st = spatial_rerank(qp, db, S, I, time_budget_s=None, workers=workers)
+        np.testing.assert_array_equal(S2, ref[0])
+        np.testing.assert_array_equal(I2, ref[1])
+        _same_stats(st, ref[2])
+        assert st["workers"] == {2: 2, 1: 1}.get(workers, spatial._worker_count("auto", 4))
+        assert st["unreadable"] == 2 and st["failed"] == 0
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 2, warned  # each unreadable file once, though two workers met them
+    # a 1-CPU machine or a single query: "auto" verifies in this process
+    assert spatial._worker_count("auto", 1) == 0 and spatial._worker_count(3, 2) == 2
+
+
+def test_disk_cache_second_run_extracts_nothing(setup, tmp_path, monkeypatch):
+    q_paths, db_paths, S, I, _ = setup
+    ref = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None)
+    cache = tmp_path / "features"
+    first = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache)
+    # q, qw, u0, u1, u2 (u3 is never a candidate); q is read back once (query 0, then index row 5)
+    assert first[2]["features_computed"] == 5 and first[2]["features_loaded"] == 1
+    files = sorted(cache.rglob("*.npz"))
+    assert len(files) == 5 and all(f.parent.parent.name == "sift-side512-kp1000" for f in files)
+    with np.load(files[0], allow_pickle=False) as z:
+        assert z["desc"].dtype == np.uint8 and z["xy"].dtype == np.float32
+    loads: list[str] = []
+    real = spatial._load_gray
+    monkeypatch.setattr(spatial, "_load_gray", lambda p, m: (loads.append(p), real(p, m))[1])
+    for workers in (0, 2):
+        S2, I2, st = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache, workers=workers)
+        assert st["features_computed"] == 0 and st["features_loaded"] >= 5 and not loads
+        np.testing.assert_array_equal(S2, ref[0])
+        np.testing.assert_array_equal(I2, ref[1])
+        _same_stats(st, ref[2])
+    # another setting is another entry; an edited image (new mtime) is extracted again
+    assert spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache,
+                          max_side=100)[2]["features_computed"] == 5
+    loads.clear()
+    os.utime(db_paths[0], ns=(os.stat(db_paths[0]).st_atime_ns, os.stat(db_paths[0]).st_mtime_ns + 10**9))
+    st = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache)[2]
+    assert st["features_computed"] == 1 and loads == [db_paths[0]]
+
+
+def test_corrupt_cache_file_is_recomputed_with_a_warning(setup, tmp_path, caplog):
+    q_paths, db_paths, S, I, _ = setup
+    cache = tmp_path / "features"
+    ref = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache)
+    files = sorted(cache.rglob("*.npz"))
+    files[0].write_bytes(b"not a zip file")
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: len(data) // 2])  # truncated
+    with caplog.at_level(logging.WARNING, logger="glr.postprocess.spatial"):
+        S2, I2, st = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all("corrupt" in m for m in warned)
+    assert {str(files[0]), str(files[1])} == {m.split("corrupt file ")[1].split(" (")[0] for m in warned}
+    assert st["features_computed"] == 2
+    np.testing.assert_array_equal(S2, ref[0])
+    np.testing.assert_array_equal(I2, ref[1])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="glr.postprocess.spatial"):  # rewritten: clean again
+        assert spatial_rerank(q_paths, db_paths, S, I, time_budget_s=None, cache_dir=cache)[2]["features_computed"] == 0
+    assert not caplog.records
+
+
+def test_a_dead_worker_leaves_its_queries_as_they_came(setup, monkeypatch, caplog):
+    q_paths, db_paths, S, I, _ = setup
+    qp, S4, I4 = q_paths * 2, np.concatenate([S, S]), np.concatenate([I, I])
+    ref = spatial_rerank(qp, db_paths, S4, I4, time_budget_s=None)
+    monkeypatch.setenv(spatial.DIE_ENV, q_paths[1])  # every worker given query rows 1 and 3 exits
+    for workers in (1, 2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="glr.postprocess.spatial"):
+            S2, I2, st = spatial_rerank(qp, db_paths, S4, I4, time_budget_s=None, workers=workers)
+        for i in (1, 3):  # the shortlist as it came
+            np.testing.assert_array_equal(S2[i], S4[i])
+            np.testing.assert_array_equal(I2[i], I4[i])
+        for i in (0, 2):  # verified as usual (by a fresh worker after a death, with workers=1)
+            np.testing.assert_array_equal(S2[i], ref[0][i])
+            np.testing.assert_array_equal(I2[i], ref[1][i])
+        assert st["failed"] == 2 and st["verified"] == 8 and st["queries"] == 4
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "2 of 4 queries lost" in warned[0] and q_paths[1] in warned[0]
+
+
+def test_workers_and_cache_dir_are_checked(setup, tmp_path):
+    from glr.postprocess.registry import get_step
+    from glr.utils import InputError
+
+    q_paths, db_paths, S, I, _ = setup
+    for bad in (-1, 1.5, "many", True, None):
+        with pytest.raises(ValueError, match="workers must be an integer >= 0 or 'auto'"):
+            spatial_rerank(q_paths, db_paths, S, I, workers=bad)
+    with pytest.raises(ValueError, match="start_method"):
+        spatial_rerank(q_paths, db_paths, S, I, workers=2, start_method="thread")
+    step = get_step("spatial")
+    assert step.normalize({"workers": "auto"})["workers"] == "auto" and step.normalize({})["workers"] == 0
+    assert step.normalize({"workers": 3, "cache_dir": "x"})["cache_dir"] == "x"
+    for bad in ("many", -2, 1.5):
+        with pytest.raises(InputError, match=r"step 'spatial', option 'workers': expected an integer >= 0 or 'auto'"):
+            step.normalize({"workers": bad}, "pp.yaml")
+    assert step.summary(step.normalize({"workers": 2})) == "top_n=20 max_inliers=70 time_budget_s=2.0 detector=sift " \
+                                                          "max_side=512"  # the label ignores how it runs
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(InputError, match="cache_dir"):
+        spatial_rerank(q_paths, db_paths, S, I, cache_dir=blocker / "features")
+
+
+def test_step_caches_under_the_graph_cache_folder(setup, tmp_path):
+    from glr.postprocess.cache import GraphCache
+    from glr.postprocess.registry import Context, Env, get_step
+
+    q_paths, db_paths, S, I, _ = setup
+    step = get_step("spatial")
+    opts = step.normalize({"time_budget_s": None, "workers": 2})
+    env = Env(q=np.zeros((2, 4), np.float32), db=np.zeros((6, 4), np.float32),
+              ctx=Context(q_paths=q_paths, db_paths=db_paths), cache=GraphCache(folder=tmp_path / "graphs"), config={})
+    S2, I2, st = step.apply(S, I, opts, env)
+    # two workers may both extract an image they meet at the same time: at least once each
+    assert st["features_computed"] >= 5 and len(list((tmp_path / "graphs" / "local_features").rglob("*.npz"))) == 5
+    ref = spatial_rerank(q_paths, db_paths, S, I, top_n=20, time_budget_s=None)
+    np.testing.assert_array_equal(S2, ref[0])
+    np.testing.assert_array_equal(I2, ref[1])
+    assert step.apply(S, I, opts, env)[2]["features_computed"] == 0
+
+
+def test_a_hung_worker_is_stopped(setup, monkeypatch, caplog):
+    q_paths, db_paths, S, I, _ = setup
+    q_paths = [q_paths[0], db_paths[3]]  # query 1: u3, which no query has as a candidate
+    ref = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=5.0)
+    real = spatial._load_gray
+
+    def load(path: str, max_side: int):
+        if path == q_paths[1]:
+            time.sleep(60)  # query 1's worker hangs (a deadlock, a stuck file system)
+        return real(path, max_side)
+
+    monkeypatch.setattr(spatial, "STALL_S", 1.0)  # a query counts as lost 1 s past its 5 s budget
+    t = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger="glr.postprocess.spatial"):
+        S2, I2, st = spatial_rerank(q_paths, db_paths, S, I, time_budget_s=5.0, workers=2, load_image=load)
+    assert time.perf_counter() - t < 30
+    assert st["failed"] == 1 and "no answer in 6 s" in caplog.text
+    np.testing.assert_array_equal(S2[1], S[1])
+    np.testing.assert_array_equal(I2[1], I[1])
+    np.testing.assert_array_equal(S2[0], ref[0][0])
+    np.testing.assert_array_equal(I2[0], ref[1][0])

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from glr.arrays import is_rows
-from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, preprocessing, transforms_from_config
+from glr.data.images import IMAGENET_MEAN, IMAGENET_STD, preprocessing, resolve_num_workers, transforms_from_config
 from glr.data.root import GLDv2Root
-from glr.embeddings.extract import PooledFeatures, default_device, embed_images
+from glr.embeddings.extract import (Branch, PooledFeatures, default_device, embed_views, resolve_precision,
+                                    tta_views)
 from glr.embeddings.sharded import extract_shards
 from glr.embeddings.store import DEFAULT_SHARD_SIZE, ShardedEmbeddings, open_embeddings
 from glr.model.artifact import load_artifact
@@ -39,8 +40,9 @@ from glr.model.net import LITE0_PACKAGE, build_net
 from glr.postprocess.cache import GraphCache
 from glr.postprocess.chain import Context, retrieve, train_context
 from glr.postprocess.config import STEP_NEEDS, normalize_config
+from glr.postprocess.registry import graph_index, search_setting
 from glr.postprocess.expansion import combine_embeddings, qe_dba_joint
-from glr.search import knn
+from glr.search import check_index_spec, knn
 from glr.submission import recognition_predictions, write_submission
 from glr.submission import recognition_rows as _recognition_rows
 from glr.submission import retrieval_rows as _retrieval_rows
@@ -83,6 +85,10 @@ class Member:
         interpolation, crop; :func:`glr.data.images.preprocessing` for an artifact that has not all four)."""
         return transforms_from_config(self.data_config, self.size)
 
+    def branch(self, tta: TTA) -> Branch:
+        """This member's network and its view at each of ``tta``'s scales (its own size and preprocessing)."""
+        return Branch(self.net, tta_views(self.size, tta.scales, **preprocessing(self.data_config)))
+
     @property
     def val_leak(self) -> bool:
         """Whether the artifact was trained on validation ground truth (its CV is not valid)."""
@@ -123,8 +129,9 @@ class TTA:
 
 
 def embed_split(member: Member, root: str | os.PathLike, split: str, ids: Sequence[str], *, batch_size: int = 64,
-                num_workers: int = 2, device: torch.device | str | None = None, tta: TTA = TTA(),
-                skip_unreadable: bool = True, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                num_workers: int | str = "auto", device: torch.device | str | None = None, tta: TTA = TTA(),
+                skip_unreadable: bool = True, progress: bool = True, precision: str | None = None,
+                compile: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Embed images ``ids`` of ``split`` under ``root`` with one member, at its image size and with
     its own preprocessing (the artifact's ``mean``, ``std``, ``interpolation``, ``crop_pct``).
 
@@ -133,9 +140,10 @@ def embed_split(member: Member, root: str | os.PathLike, split: str, ids: Sequen
         unreadable images) and (N,) bool. Without ``skip_unreadable`` the first unreadable image
         raises :class:`~glr.utils.InputError` naming it.
     """
-    return embed_images(member.net, root, split, list(ids), member.size, batch_size, num_workers, device=device,
-                        progress=progress, flip=tta.flip, scales=tta.scales, skip_unreadable=skip_unreadable,
-                        **preprocessing(member.data_config))
+    out = embed_views([member.branch(tta)], root, split, list(ids), batch_size=batch_size, num_workers=num_workers,
+                      device=device, flip=tta.flip, precision=precision, compile=compile,
+                      skip_unreadable=skip_unreadable, progress=progress)
+    return out.emb[0], out.ok
 
 
 def _loaded(m: Member | MemberSpec) -> Member:
@@ -144,50 +152,67 @@ def _loaded(m: Member | MemberSpec) -> Member:
 
 def embed_ensemble(members: Sequence[Member | MemberSpec], root: str | os.PathLike,
                    splits: Mapping[str, Sequence[str]], *, mode: str = "concat", batch_size: int = 64,
-                   num_workers: int = 2, device: torch.device | str | None = None, tta: TTA = TTA(),
+                   num_workers: int | str = "auto", device: torch.device | str | None = None, tta: TTA = TTA(),
                    skip_unreadable: bool = True, progress: bool = True, step: Step = _no_step,
-                   on_load: Callable[[Member], Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                   on_load: Callable[[Member], Any] | None = None, precision: str | None = None,
+                   compile: bool | None = None, stats: dict[str, dict[str, int]] | None = None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Every member's embeddings of every split, combined as the ensemble says.
 
-    Members given as :class:`MemberSpec` are loaded one at a time and released after use (one
-    network in memory). With several members each embeds at its own image size and the blocks
-    are combined by :func:`~glr.postprocess.expansion.combine_embeddings` (``concat``: cosine
+    Every member is loaded first (members given as :class:`MemberSpec` are released at the end);
+    then each split's images are decoded once, each distinct input size and preprocessing is
+    computed once from that decode, and every member and TTA view embeds from those batches
+    (:func:`~glr.embeddings.extract.embed_views`; the rows are those of embedding each member
+    alone). With several members each embeds at its own image size and the blocks are combined
+    by :func:`~glr.postprocess.expansion.combine_embeddings` (``concat``: cosine
     ``Σ w_i² cos_i / Σ w_i²``; ``sum``: ``Σ w_i cos_i / Σ w_i``).
 
     Args:
         splits: split → ids, e.g. ``{"test": [...], "index": [...]}``.
-        step: wraps each load and each (member, split) embedding, e.g. a timer.
+        num_workers: loader workers, or ``"auto"`` (the usable cores less one, at most 8:
+            :func:`~glr.data.images.default_num_workers`); the embeddings do not depend on it.
+        step: wraps each load and each split's embedding, e.g. a timer.
         on_load: called with each member once it is loaded.
+        precision: on CUDA, ``fp16`` (default) or ``bf16`` autocast, or ``fp32``; the CPU runs fp32.
+        compile: wrap each network in ``torch.compile`` (default: ``GLR_COMPILE=1`` in the environment).
+        stats: when given, filled with split → ``{"images": N, "decodes": n}`` (``n`` = N: one decode each).
 
     Returns:
         ``(emb, ok)``: split → (N, D) float32 rows in ``splits`` order, and split → (N,) bool:
-        False where some member could not read the image (its row is then zeros).
+        False where the image could not be read (its row is then zeros).
     """
     if not members:
         raise InputError("an ensemble needs at least one member")
     device = torch.device(device) if device is not None else default_device()
-    blocks: dict[str, list[np.ndarray]] = {s: [] for s in splits}
-    ok = {s: np.ones(len(ids), bool) for s, ids in splits.items()}
-    weights = []
+    resolve_precision(precision, device)  # bad settings fail before any member is loaded
+    num_workers = resolve_num_workers(num_workers)
+    loaded: list[Member] = []
     for spec in members:
         with step(f"load {Path(spec.path).name if isinstance(spec, MemberSpec) else spec.name}", None):
             member = _loaded(spec)
         if on_load is not None:
             on_load(member)
-        weights.append(member.weight)
-        for s, ids in splits.items():
-            with step(f"embed {s} {member.name} @{member.size}", s):
-                e, good = embed_split(member, root, s, ids, batch_size=batch_size, num_workers=num_workers,
-                                      device=device, tta=tta, skip_unreadable=skip_unreadable, progress=progress)
-            blocks[s].append(e)
-            ok[s] &= good  # unreadable for any member: unreadable
-        if isinstance(spec, MemberSpec):
-            del member
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    emb = {s: combine_embeddings(parts, weights, mode=mode) for s, parts in blocks.items()}
-    for s in emb:
+        loaded.append(member)
+    branches = [m.branch(tta) for m in loaded]
+    weights = [m.weight for m in loaded]
+    label = ", ".join(f"{m.name} @{m.size}" for m in loaded)
+    emb: dict[str, np.ndarray] = {}
+    ok: dict[str, np.ndarray] = {}
+    for s, ids in splits.items():
+        with step(f"embed {s} {label}", s):
+            out = embed_views(branches, root, s, list(ids), batch_size=batch_size, num_workers=num_workers,
+                              device=device, flip=tta.flip, precision=precision, compile=compile,
+                              skip_unreadable=skip_unreadable, progress=progress)
+        log.info("embed %s: %d images, %d decodes, %d member(s) × %d scale(s)%s", s, len(ids), out.decodes,
+                 len(loaded), len(tta.scales), " × flip" if tta.flip else "")
+        if stats is not None:
+            stats[s] = {"images": len(ids), "decodes": out.decodes}
+        emb[s] = combine_embeddings(out.emb, weights, mode=mode)
+        ok[s] = out.ok
         emb[s][~ok[s]] = 0.0
+    del branches, loaded, member  # the members loaded here go with them
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return emb, ok
 
 
@@ -220,12 +245,15 @@ def readable(ids: Sequence[str], emb: np.ndarray, ok: np.ndarray) -> tuple[list[
 
 
 def rank(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any] | None = None, ctx: Context | None = None,
-         cache: GraphCache | None = None, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+         cache: GraphCache | None = None, progress: bool = False,
+         source: str = "post-processing config") -> tuple[np.ndarray, dict[str, Any]]:
     """(Nq, k') int64 index rows per query, best first, through search and the post-processing
-    chain of ``config`` (plain kNN when None); an empty side gives ``k' = 0``. Also the chain's info."""
+    chain of ``config`` (plain kNN when None); an empty side gives ``k' = 0``. Also the chain's info.
+    ``source``: where ``config`` came from, named by errors (an approximate ``search`` setting that
+    cannot work at these sizes is one, before any search)."""
     if not len(q) or not len(db):
         return np.zeros((len(q), 0), np.int64), {}
-    _, I, info = retrieve(q, db, config, ctx=ctx, cache=cache, progress=progress)
+    _, I, info = retrieve(q, db, config, ctx=ctx, cache=cache, progress=progress, source=source)
     return I, info
 
 
@@ -238,12 +266,20 @@ def retrieval_rows(test_ids: Sequence[str], q_ids: Sequence[str], db_ids: Sequen
 
 
 def recognition_rows(test_ids: Sequence[str], q_ids: Sequence[str], q: np.ndarray, ctx: Context,
-                     top_k: int = 5, cache: GraphCache | None = None) -> list[tuple[str, str]]:
+                     top_k: int = 5, cache: GraphCache | None = None, config: Mapping[str, Any] | None = None,
+                     source: str = "post-processing config") -> list[tuple[str, str]]:
     """One ``(id, "landmark score")`` row per test id: the top-``top_k`` cosine-sum vote of each
-    query's train neighbours (``ctx.train``); unreadable queries, or no train set, get empty rows."""
+    query's train neighbours (``ctx.train``); unreadable queries, or no train set, get empty rows.
+    The train set is searched as the post-processing ``config``'s ``search.train`` says (exact
+    by default; ``source`` names the config in errors)."""
     found: dict[str, str] = {}
     if len(q_ids) and ctx.train is not None and len(ctx.train):
-        S, I = (cache or GraphCache()).knn(q, ctx.train, top_k)
+        cache = cache or GraphCache()
+        config = normalize_config(config, source)
+        index = graph_index(config, "train")
+        if index is not None:  # before the search
+            check_index_spec(index, len(ctx.train), search_setting(config, "train"), source, cache.backend)
+        S, I = cache.knn(q, ctx.train, top_k, index=index)
         labels, scores = recognition_predictions(S, I, ctx.train_landmarks, top_k=top_k)
         found = dict(_recognition_rows(q_ids, labels, scores))
     return [(i, found.get(i, "")) for i in test_ids]
@@ -253,7 +289,7 @@ def recognition_rows(test_ids: Sequence[str], q_ids: Sequence[str], q: np.ndarra
 def embed_to_shards(artifact: str | os.PathLike, root: str | os.PathLike, split: str, out: str | os.PathLike,
                     ids: Sequence[str] | None = None, image_size: int | None = None,
                     dtype: str = "float16", shard_size: int = DEFAULT_SHARD_SIZE, batch_size: int = 64,
-                    num_workers: int = 2, device: str | None = None, flip: bool = False,
+                    num_workers: int | str = "auto", device: str | None = None, flip: bool = False,
                     scales: Sequence[float] = (1.0,), rank: int | None = None, world: int | None = None,
                     progress: bool = True,
                     on_shard: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -292,6 +328,9 @@ def _streamed_rank(q: np.ndarray, db: ShardedEmbeddings, config: Mapping[str, An
                    backend: str, progress: bool) -> np.ndarray:
     """:func:`rank` for an index kept as a store: plain kNN, optionally after joint αQE+DBA, read
     one shard at a time (the expanded index is written as a new store in ``work``)."""
+    if config.get("search"):
+        raise InputError("an index kept as a store is searched exactly, shard by shard; an approximate "
+                         "search setting needs the embeddings in memory (.npz)")
     other = [s for s, v in config.items() if v and s not in ("k", "shortlist", "expansion")]
     e = config.get("expansion")
     if other or (e and e["form"] != "joint"):

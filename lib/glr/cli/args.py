@@ -13,6 +13,16 @@ def devices(x: str) -> int | str:
     return int(x) if x.isdigit() else x
 
 
+def workers(x: str) -> int | str:
+    """``--num-workers``: a count >= 0, or ``auto`` (the usable cores less one, at most 8; resolved where
+    the loader runs: :func:`glr.data.images.resolve_num_workers`)."""
+    if x == "auto":
+        return x
+    if x.isdigit():
+        return int(x)
+    raise argparse.ArgumentTypeError(f"expected a number of workers >= 0 or 'auto', got {x!r}")
+
+
 def yaml_overrides(pairs: Sequence[str] | None) -> dict[str, Any]:
     """``--set key=value`` pairs; values are parsed as YAML scalars (``4``, ``true``, ``0.1``)."""
     import yaml
@@ -57,7 +67,8 @@ def add_loader_args(p: argparse.ArgumentParser, batch_size: int = 64, per_proces
     """``--batch-size`` and ``--num-workers``."""
     each = " per process" if per_process else ""
     p.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch{each}")
-    p.add_argument("--num-workers", type=int, default=2, help=f"data-loader workers{each}")
+    p.add_argument("--num-workers", type=workers, default="auto",
+                   help=f"data-loader workers{each}: a count, or auto (the usable cores less one, at most 8)")
 
 
 def add_lightning_args(p: argparse.ArgumentParser, precision_help: str) -> None:

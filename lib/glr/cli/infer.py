@@ -156,6 +156,7 @@ def run_embed(args: argparse.Namespace) -> int:
     """Lightning's ddp launcher re-runs this command line for the other ranks."""
     import contextlib
 
+    from glr.data.images import resolve_num_workers
     from glr.predict import embed_to_shards
     from glr.train.export import export_embeddings, global_rank
 
@@ -172,7 +173,7 @@ def run_embed(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # progress bars; stdout is the path alone
             path = export_embeddings(args.model, args.data, args.split, args.out,
                                      image_size=args.image_size, batch_size=args.batch_size,
-                                     num_workers=args.num_workers, accelerator=args.accelerator,
+                                     num_workers=resolve_num_workers(args.num_workers), accelerator=args.accelerator,
                                      devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
                                      precision=args.precision)
     except InputError:

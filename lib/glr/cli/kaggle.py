@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from glr.cli.args import yaml_overrides
+from glr.cli.args import workers, yaml_overrides
 from glr.cli.submit import add_submit_parser, run_submit
 from glr.utils import InputError
 
@@ -69,7 +69,8 @@ def _add_kernel(sub: argparse._SubParsersAction) -> None:
     kb.add_argument("--ensemble-mode", choices=["concat", "sum"], default="concat")
     kb.add_argument("--train-subset", choices=["clean", "full"], default="clean")
     kb.add_argument("--batch-size", type=int, default=64)
-    kb.add_argument("--num-workers", type=int, default=2)
+    kb.add_argument("--num-workers", type=workers, default="auto",
+                    help="the kernel's loader workers: a count, or auto (its usable cores less one, at most 8)")
     kb.add_argument("--commit-mode", choices=["full", "fallback"], default="full",
                     help="what the public commit run does: the whole pipeline, or only the fallback")
     kb.add_argument("--hidden-test-size", type=int, help="test images of the hidden set (timing projection)")

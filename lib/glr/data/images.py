@@ -10,10 +10,12 @@ the transform every such artifact was trained and evaluated with.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -91,10 +93,7 @@ def make_transforms(
         raise InputError(f"crop_pct: expected a number in (0, 1], got {crop_pct!r}")
     norm = [T.ToTensor(), T.Normalize(mean=list(mean), std=list(std))]
     if not train:
-        if crop_pct == 1:
-            return T.Compose([T.Resize((image_size, image_size), interpolation=mode), *norm])
-        scaled = max(image_size, int(round(image_size / crop_pct)))
-        return T.Compose([T.Resize((scaled, scaled), interpolation=mode), T.CenterCrop(image_size), *norm])
+        return T.Compose([*_eval_geometry(image_size, mode, crop_pct), *norm])
     ops: list[Callable] = [T.RandomResizedCrop(image_size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3),
                                                interpolation=mode)]
     if hflip:
@@ -106,6 +105,14 @@ def make_transforms(
     return T.Compose(ops)
 
 
+def _eval_geometry(image_size: int, mode: T.InterpolationMode, crop_pct: float) -> list[Callable]:
+    """The PIL → PIL part of the eval transform: the square resize, then the centre crop when ``crop_pct`` < 1."""
+    if crop_pct == 1:
+        return [T.Resize((image_size, image_size), interpolation=mode)]
+    scaled = max(image_size, int(round(image_size / crop_pct)))
+    return [T.Resize((scaled, scaled), interpolation=mode), T.CenterCrop(image_size)]
+
+
 def transforms_from_config(config: dict[str, Any], image_size: int | None = None
                            ) -> Callable[[Image.Image], torch.Tensor]:
     """The eval transform described by a :meth:`glr.train.datamodule.GLDv2DataModule.data_config` dict
@@ -114,8 +121,21 @@ def transforms_from_config(config: dict[str, Any], image_size: int | None = None
     return make_transforms(size, train=False, **preprocessing(config))
 
 
+_decodes = 0  # load_image calls in this process (decode_count)
+
+
+def decode_count() -> int:
+    """How many images this process has decoded (:func:`load_image` calls, failed ones included).
+
+    Each process counts its own: a loader worker's decodes travel back in the items of
+    :class:`MultiViewDataset` (``decodes``)."""
+    return _decodes
+
+
 def load_image(path: str | os.PathLike, image_id: str | None = None) -> Image.Image:
     """Open an image as RGB; any decode problem raises InputError naming path and id."""
+    global _decodes
+    _decodes += 1
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -202,3 +222,134 @@ class SafeImages(Dataset):
         item["ok"] = True
         item["error"] = ""
         return item
+
+
+# --------------------------------------------------------------------------- decode once, many views
+@dataclass(frozen=True)
+class EvalView:
+    """One eval transform (:func:`make_transforms` with ``train=False``): a square of ``size`` pixels
+    with its preprocessing. Equal views are the same transform, computed once per image."""
+
+    size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+
+    @classmethod
+    def of(cls, size: int, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+           interpolation: str = "bilinear", crop_pct: float = 1.0) -> "EvalView":
+        """A view from :func:`make_transforms`' keyword arguments (None mean / std: ImageNet's)."""
+        return cls(int(size), tuple(float(v) for v in (mean or IMAGENET_MEAN)),
+                   tuple(float(v) for v in (std or IMAGENET_STD)), str(interpolation), float(crop_pct))
+
+    @property
+    def geometry(self) -> tuple[int, str, float]:
+        """What the PIL part of the transform depends on (views sharing it share the resize)."""
+        return self.size, self.interpolation, self.crop_pct
+
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image → normalised ``(3, size, size)`` float tensor."""
+        return make_transforms(self.size, train=False, mean=self.mean, std=self.std,
+                               interpolation=self.interpolation, crop_pct=self.crop_pct)
+
+
+def _as_is(image: Image.Image) -> Image.Image:
+    return image
+
+
+class MultiViewDataset(Dataset):
+    """Images of one split, each decoded once and returned in every distinct view.
+
+    Each geometry (size, interpolation, crop) is resized once from the decode, turned into a tensor
+    once, then normalised per mean / std: the same operations, in the same order, as each view's
+    own :meth:`EvalView.transform`, so every view's tensor is bit-identical to it.
+
+    Items are dicts: ``views`` a list of ``(3, s, s)`` float tensors, one per entry of
+    :attr:`views` (``views`` without repeats, in first-seen order); ``index``; ``ok`` and ``error``
+    (with ``skip_unreadable`` an unreadable image gives zero tensors, ``ok`` False and the message;
+    without it, :class:`~glr.utils.InputError` naming the image); ``decodes``, the number of
+    decodes the item took (1), counted by :func:`decode_count` in the process that loaded it.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str | Sequence[str], ids: Sequence[str],
+                 views: Sequence[EvalView], skip_unreadable: bool = False):
+        if not views:
+            raise ValueError("MultiViewDataset needs at least one view")
+        self.images = ImageDataset(root, split, ids, transform=_as_is)
+        self.views: list[EvalView] = list(dict.fromkeys(views))
+        self.skip_unreadable = skip_unreadable
+        for v in self.views:
+            if not 0 < v.crop_pct <= 1:
+                raise InputError(f"crop_pct: expected a number in (0, 1], got {v.crop_pct!r}")
+        geometries = list(dict.fromkeys(v.geometry for v in self.views))
+        self._resize = [T.Compose(_eval_geometry(size, interpolation_mode(interp), crop))
+                        for size, interp, crop in geometries]
+        self._geometry_of = [geometries.index(v.geometry) for v in self.views]
+        self._to_tensor = T.ToTensor()
+        self._normalize = [T.Normalize(mean=list(v.mean), std=list(v.std)) for v in self.views]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        before = decode_count()
+        try:
+            image = self.images[index]["image"]
+        except InputError as e:
+            if not self.skip_unreadable:
+                raise
+            return {"views": [torch.zeros(3, v.size, v.size) for v in self.views], "index": index, "ok": False,
+                    "error": str(e), "decodes": decode_count() - before}
+        tensors = [self._to_tensor(resize(image)) for resize in self._resize]
+        views = [norm(tensors[g]) for norm, g in zip(self._normalize, self._geometry_of)]
+        return {"views": views, "index": index, "ok": True, "error": "", "decodes": decode_count() - before}
+
+
+# --------------------------------------------------------------------------- loader threads and workers
+def default_num_workers() -> int:
+    """Loader workers for this machine: the cores this process may use less one (the main process
+    runs the forwards), at most 8, at least 0 (one core: the main process decodes)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+def resolve_num_workers(value: int | str | None, setting: str = "num_workers",
+                        source: str | os.PathLike | None = None) -> int:
+    """A ``num_workers`` setting as a count: ``"auto"`` (or None) is :func:`default_num_workers`.
+
+    Raises:
+        InputError: anything but ``"auto"`` or a whole number >= 0, naming ``setting`` (and ``source``).
+    """
+    if value is None or value == "auto":
+        return default_num_workers()
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise InputError(f"{setting}: expected a number of workers >= 0 or 'auto', got {value!r}", source)
+
+
+def one_thread_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the loaders: one intra-op thread per worker (several workers with
+    torch's default threads each would fight over the cores)."""
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one torch intra-op thread, then put the previous count back: the
+    transforms a loader without workers runs in the main process (the forwards keep the
+    process's threads)."""
+    old = torch.get_num_threads()
+    if old == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -81,7 +81,7 @@ def expand_grid(entries: Sequence[Mapping[str, Any]], step: str) -> list[dict[st
 def parse_grid(grid: Mapping[str, Any], source: str = "sweep grid") -> dict[str, list[dict[str, Any]]]:
     """Validate a grid: known steps, each candidate a valid setting (checked by
     :func:`normalize_config`); returns step → candidate settings, in chain order."""
-    unknown = sorted(set(grid) - set(STEPS) - {"shortlist", "k"})
+    unknown = sorted(set(grid) - set(STEPS) - {"shortlist", "k", "search"})
     if unknown:
         raise InputError(f"unknown step(s) {unknown} in the grid; steps are {list(STEPS)}", source)
     out: dict[str, list[dict[str, Any]]] = {}
@@ -203,7 +203,7 @@ def run_sweep(q: np.ndarray, db: np.ndarray, scorer: RetrievalScorer, grid: Mapp
     ctx = ctx or Context()
     cache = cache or GraphCache()
     stages = parse_grid(grid)
-    base = normalize_config({k: grid[k] for k in ("shortlist", "k") if k in grid})
+    base = normalize_config({k: grid[k] for k in ("shortlist", "k", "search") if k in grid})
     t0 = time.perf_counter()
 
     def evaluate(config: dict[str, Any]) -> dict[str, Any]:
@@ -226,8 +226,8 @@ def run_sweep(q: np.ndarray, db: np.ndarray, scorer: RetrievalScorer, grid: Mapp
         _prewarm(step, cands, best_cfg, q, db, ctx, cache)
         stage_best: tuple[float, dict, dict] | None = None
         for cand in cands:
-            cfg = normalize_config({**{s: best_cfg[s] for s in STEPS}, step: cand,
-                                    "shortlist": best_cfg["shortlist"], "k": best_cfg["k"]})
+            cfg = normalize_config({**{s: best_cfg[s] for s in STEPS}, step: cand, "shortlist": best_cfg["shortlist"],
+                                    "k": best_cfg["k"], "search": best_cfg["search"]})
             sc = evaluate(cfg)
             rows.append({"stage": step, "setting": describe(cfg, step), "options": cfg[step], "scores": sc})
             if stage_best is None or _figure(sc, scorer.tune) > _figure(stage_best[1], scorer.tune):
@@ -259,7 +259,8 @@ def _prewarm(step: str, cands: Sequence[Mapping[str, Any]], best_cfg: Mapping[st
     else:
         before = [f.name for f in steps("features")]
         before = before[: before.index(step)] if s.kind == "features" else before
-        qi, dbi = expand_features(q, db, {n: best_cfg.get(n) for n in before}, cache)
+        qi, dbi = expand_features(q, db, {**{n: best_cfg.get(n) for n in before}, "search": best_cfg.get("search")},
+                                  cache)
     s.prewarm(full, qi, dbi, Env(q=q, db=db, ctx=ctx, cache=cache, config=best_cfg))
 
 

@@ -1,5 +1,8 @@
 """The kNN-graph cache the chain and the sweep share: graphs memoised by the content of their
-inputs, in memory and optionally on disk (the only file I/O of post-processing).
+inputs and how they were searched (exact, or an approximate :class:`~glr.search.IndexSpec`), in
+memory and optionally on disk (the only file I/O of post-processing). Approximate indexes are
+built once per database and spec and kept in memory, so the queries → train and the index →
+train searches train one index.
 """
 
 from __future__ import annotations
@@ -7,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -16,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from glr.postprocess.kreciprocal import joint_graph
-from glr.search import knn
+from glr.search import IndexSpec, SearchIndex, build_index, knn
 from glr.utils import atomic_write
 
 log = logging.getLogger(__name__)
+
 
 def fingerprint(x: np.ndarray) -> str:
     """A content hash of an array (shape, dtype and bytes)."""
@@ -33,10 +38,13 @@ def fingerprint(x: np.ndarray) -> str:
 class GraphCache:
     """Memoises kNN graphs by the content of their inputs, in memory and optionally on disk.
 
-    A graph asked for with ``k`` is served from any stored graph of the same arrays with
-    ``k' >= k`` (its first k columns). ``searches`` counts the searches really run,
-    ``hits`` the ones served from memory or disk, ``seconds`` the time spent searching. ``memo`` holds intermediate results a
-    sweep reuses (expanded descriptors, shortlists); it is never written to disk.
+    A graph asked for with ``k`` is served from any stored graph of the same arrays, searched
+    the same way, with ``k' >= k`` (its first k columns; for an approximate index these are at
+    least as good as a k-search's: the same candidates, or more). An approximate graph is never
+    served for an exact request, nor one spec's for another's. ``searches`` counts the searches
+    really run, ``hits`` the ones served from memory or disk, ``builds`` the approximate indexes
+    trained, ``seconds`` the time spent building and searching. ``memo`` holds intermediate
+    results a sweep reuses (expanded descriptors, shortlists); it is never written to disk.
 
     Args:
         folder: where graphs are stored as ``.npz`` (None: memory only).
@@ -49,10 +57,12 @@ class GraphCache:
     progress: bool = False
     searches: int = 0
     hits: int = 0
+    builds: int = 0
     seconds: float = 0.0
     memo: dict[str, Any] = field(default_factory=dict)
     _graphs: dict[tuple[str, str], tuple[int, tuple[np.ndarray, ...]]] = field(default_factory=dict)
     _fps: dict[int, tuple[Any, str]] = field(default_factory=dict)
+    _indexes: dict[tuple[str, str], SearchIndex] = field(default_factory=dict)
 
     def fp(self, x: np.ndarray) -> str:
         """The :func:`fingerprint` of ``x``, remembered per array object (while it lives)."""
@@ -87,36 +97,71 @@ class GraphCache:
             with atomic_write(Path(self.folder) / f"{kind}_{key}_k{k}.npz", "wb") as f:
                 np.savez(f, **{f"a{i}": a for i, a in enumerate(arrays)})
 
-    def knn(self, q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(S, I)`` of :func:`glr.search.knn` for ``q`` against ``db``, k clipped to ``len(db)``."""
+    def index(self, db: np.ndarray, spec: IndexSpec) -> SearchIndex:
+        """The :func:`glr.search.build_index` of ``db`` for ``spec``, built once per (content of
+        ``db``, spec) and kept in memory."""
+        key = (self.fp(db), spec.key())
+        got = self._indexes.get(key)
+        if got is None:
+            t = time.perf_counter()
+            got = build_index(db, spec, backend=self.backend)
+            self.builds += 1
+            self.seconds += time.perf_counter() - t
+            log.info("graph cache: built %s over %d rows in %.1fs", spec.describe(), len(db), time.perf_counter() - t)
+            self._indexes[key] = got
+        return got
+
+    def knn(self, q: np.ndarray, db: np.ndarray, k: int,
+            index: IndexSpec | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(S, I)`` of :func:`glr.search.knn` for ``q`` against ``db``, k clipped to ``len(db)``;
+        ``index``: an approximate spec (searched through :meth:`index`), None or exact: exact."""
+        spec = _approximate(index)
         k = min(int(k), len(db))
-        key = f"{self.fp(q)}-{self.fp(db)}"
+        key = f"{self.fp(q)}-{self.fp(db)}" + _suffix(spec)
         got = self._lookup("knn", key, k)
         if got is None:
             self.searches += 1
+            prepared = None if spec is None else self.index(db, spec)  # its build is timed by index()
             t = time.perf_counter()
-            got = knn(q, db, k, backend=self.backend, progress=self.progress)
+            if prepared is None:
+                got = knn(q, db, k, backend=self.backend, progress=self.progress)
+            else:
+                got = tuple(prepared.search(q, k, progress=self.progress))
             self.seconds += time.perf_counter() - t
-            log.info("graph cache: searched %d x %d, k=%d in %.1fs", len(q), len(db), k, time.perf_counter() - t)
+            log.info("graph cache: searched %d x %d, k=%d (%s) in %.1fs", len(q), len(db), k,
+                     "exact" if spec is None else spec.key(), time.perf_counter() - t)
             self._store("knn", key, k, got)
         else:
             self.hits += 1
         return got[0][:, :k], got[1][:, :k]
 
-    def joint(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def joint(self, x: np.ndarray, k: int,
+              index: IndexSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The joint graph of :func:`glr.postprocess.kreciprocal.joint_graph` of ``x``:
-        ``(S, I, min_similarity)``."""
+        ``(S, I, min_similarity)``; ``index`` as for :meth:`knn`."""
 
+        spec = _approximate(index)
         k = min(int(k), len(x))
-        key = self.fp(x)
+        key = self.fp(x) + _suffix(spec)
         got = self._lookup("joint", key, k)
         if got is None:
             self.searches += 1
             t = time.perf_counter()
-            got = joint_graph(x, k, progress=self.progress)
+            got = joint_graph(x, k, progress=self.progress, index=spec, backend=self.backend)
             self.seconds += time.perf_counter() - t
-            log.info("graph cache: joint graph of %d rows, k=%d in %.1fs", len(x), k, time.perf_counter() - t)
+            log.info("graph cache: joint graph of %d rows, k=%d (%s) in %.1fs", len(x), k,
+                     "exact" if spec is None else spec.key(), time.perf_counter() - t)
             self._store("joint", key, k, tuple(got))
         else:
             self.hits += 1
         return got[0][:, :k], got[1][:, :k], got[2]
+
+
+def _approximate(index: IndexSpec | None) -> IndexSpec | None:
+    return None if index is None or index.exact else index
+
+
+def _suffix(spec: IndexSpec | None) -> str:
+    """The part of a graph's key that says how it was searched: nothing when exact (the keys,
+    and the files of a disk cache, stay those of exact graphs); a file-name-safe spec key else."""
+    return "" if spec is None else "-" + re.sub(r"[^A-Za-z0-9.-]", "-", spec.key())

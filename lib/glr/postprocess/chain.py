@@ -10,6 +10,10 @@ spatial verification). Graphs and intermediate results go through a
 
 Images are tagged through their train-set neighbours with the *original* descriptors (the
 train graphs do not depend on the expansion settings, so a sweep searches them once).
+
+Each graph is searched as the config's ``search`` setting says (exact by default);
+:func:`check_search` checks an approximate setting against the sizes of a run before any
+search (:func:`retrieve` calls it; so can a caller that knows the sizes before embedding).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ import numpy as np
 from glr.postprocess.cache import GraphCache
 from glr.postprocess.config import normalize_config
 from glr.postprocess.labels import encode_labels
-from glr.postprocess.registry import Context, Env, get_step, steps
+from glr.postprocess.registry import GRAPHS, Context, Env, get_step, graph_index, search_setting, steps
+from glr.search import check_index_spec
 from glr.utils import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Context", "train_context", "missing_inputs", "expand_features", "shortlist", "rerank", "retrieve"]
+__all__ = ["Context", "train_context", "missing_inputs", "check_search", "expand_features", "shortlist", "rerank",
+           "retrieve"]
 
 
 def train_context(train: np.ndarray, landmarks: Sequence[int], countries: Mapping[int, str] | None) -> Context:
@@ -59,6 +65,44 @@ def _check_inputs(config: Mapping[str, Any], ctx: Context) -> None:
             raise InputError(f"post-processing step {step.name!r} needs {', '.join(missing)} (not given)")
 
 
+def _graph_rows(config: Mapping[str, Any], n_q: int, n_db: int, n_train: int, n_distractors: int,
+                recognition: bool) -> dict[str, list[int]]:
+    """The database rows of every graph ``config`` searches (0 rows: not searched)."""
+    e = config.get("expansion")
+    expansion = [] if not e else [n_q + n_db] if e["form"] == "joint" else [n_db]
+    shortlist_step = any(config.get(s.name) for s in steps("shortlist"))
+    tagged = recognition or any(config.get(s) for s in ("landmark_country", "train_label"))
+    return {"shortlist": [] if shortlist_step else [n_db], "expansion": expansion,
+            # the joint graph of concat(q, db), then the final search of the queries against db
+            "kreciprocal": [n_q + n_db, n_db] if config.get("kreciprocal") else [],
+            "train": [n_train] if tagged else [], "nonlandmark": [n_distractors] if config.get("nonlandmark") else []}
+
+
+def check_search(config: Mapping[str, Any], n_q: int, n_db: int, n_train: int = 0, n_distractors: int = 0, *,
+                 recognition: bool = False, backend: str = "auto", use_gpu: bool | None = None,
+                 source: str = "post-processing config") -> None:
+    """Check the ``search`` setting of a normalised ``config`` against the sizes of a run, before
+    any search: for each approximate graph the config searches, :func:`glr.search.check_index_spec`
+    against its database's rows (the joint graphs' database is concat(q, db)).
+
+    Args:
+        n_q, n_db, n_train, n_distractors: rows of each side (upper bounds are fine before
+            embedding: unreadable images only make them smaller, so this is checked again).
+        recognition: the recognition vote searches queries → train too.
+
+    Raises:
+        InputError: ``nlist`` above a database's rows, ``nprobe > nlist``, HNSW on a GPU
+            backend, approximate search without faiss; naming the setting and ``source``.
+    """
+    rows = _graph_rows(config, n_q, n_db, n_train, n_distractors, recognition)
+    for graph in GRAPHS:
+        spec = graph_index(config, graph)
+        for n in rows[graph] if spec is not None else []:
+            if n > 0:
+                check_index_spec(spec, n, setting=search_setting(config, graph), source=source,
+                                 backend=backend, use_gpu=use_gpu)
+
+
 def _env(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any], cache: GraphCache, ctx: Context | None = None,
          progress: bool = False) -> Env:
     return Env(q=q, db=db, ctx=ctx or Context(), cache=cache, config=config, progress=progress)
@@ -68,7 +112,8 @@ def expand_features(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any],
                     cache: GraphCache) -> tuple[np.ndarray, np.ndarray]:
     """The ``features`` steps of ``config`` applied to ``(q, db)`` in chain order; memoised in ``cache.memo``."""
     feature_steps = steps("features")
-    key = "features" + _key(config, [s.name for s in feature_steps], (cache.fp(q), cache.fp(db)))
+    key = "features" + _key(config, [s.name for s in feature_steps], (cache.fp(q), cache.fp(db),
+                                                                      config.get("search")))
     if key in cache.memo:
         return cache.memo[key]
     env = _env(q, db, config, cache)
@@ -86,7 +131,7 @@ def shortlist(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any], cache: G
     n = config["shortlist"] if any(config.get(s.name) for s in steps("rerank")) else config["k"]
     n = max(n, config["k"])
     names = [s.name for s in steps("features") + steps("shortlist")]
-    key = "shortlist" + _key(config, names, (cache.fp(q), cache.fp(db), n))
+    key = "shortlist" + _key(config, names, (cache.fp(q), cache.fp(db), n, config.get("search")))
     if key in cache.memo:
         return cache.memo[key]
     q2, db2 = expand_features(q, db, config, cache)
@@ -94,7 +139,7 @@ def shortlist(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any], cache: G
     if on:
         S, I = on[0].apply(q2, db2, config[on[0].name], n, _env(q, db, config, cache, progress=progress))
     else:
-        S, I = cache.knn(q2, db2, n)
+        S, I = cache.knn(q2, db2, n, index=graph_index(config, "shortlist"))
     cache.memo[key] = (S, I)
     return S, I
 
@@ -123,8 +168,8 @@ def rerank(S: np.ndarray, I: np.ndarray, q: np.ndarray, db: np.ndarray, config: 
 
 
 def retrieve(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any] | None = None,
-             ctx: Context | None = None, cache: GraphCache | None = None,
-             progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+             ctx: Context | None = None, cache: GraphCache | None = None, progress: bool = False,
+             source: str = "post-processing config") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Queries against the index through the whole post-processing chain of ``config``.
 
     Args:
@@ -132,16 +177,19 @@ def retrieve(q: np.ndarray, db: np.ndarray, config: Mapping[str, Any] | None = N
         config: see :mod:`glr.postprocess.config` (``None``: plain kNN).
         ctx: train set, labels, distractors and image paths for the steps that need them.
         cache: graphs and intermediate results to reuse (a sweep passes one).
+        source: where ``config`` came from (its file), named by errors.
 
     Returns:
         ``S`` float32 (Nq, k') scores, higher is better (their scale depends on the last
         step), ``I`` int64 (Nq, k') index rows, best first, ``k' = min(k, Ndb)``, and an
         info dict with per-step seconds.
     """
-    config = normalize_config(config)
+    config = normalize_config(config, source)
     ctx = ctx or Context()
     cache = cache or GraphCache()
     _check_inputs(config, ctx)  # before any search
+    check_search(config, len(q), len(db), 0 if ctx.train is None else len(ctx.train),
+                 0 if ctx.distractors is None else len(ctx.distractors), backend=cache.backend, source=source)
     t0 = time.perf_counter()
     S, I = shortlist(q, db, config, cache, progress=progress)
     t1 = time.perf_counter()

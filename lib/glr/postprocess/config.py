@@ -13,6 +13,17 @@ order the steps run; a step that is absent, ``null`` or ``false`` is off::
     spatial:          {top_n: 20, max_inliers: 70, time_budget_s: 2.0, detector: sift, max_side: 512}
     shortlist: 1000   # candidates kept for the re-rankers after the kNN / k-reciprocal stage
     k: 100            # results per query returned
+    search: null      # every graph exact (the default), or approximate (faiss), opt-in:
+                      #   one spec for every graph:  {ivf: {nlist: 1024, nprobe: 32}} or {hnsw: {M: 32, ef: 128}}
+                      #   per graph (others exact):  {kreciprocal: {ivf: {...}}, train: {hnsw: {...}}}
+
+The graphs ``search`` names (:data:`~glr.postprocess.registry.GRAPHS`): ``shortlist`` (the plain
+kNN q → db), ``expansion`` (the αQE/DBA graphs), ``kreciprocal`` (its joint graph and final
+search), ``train`` (q / db → train: landmark–country, train-label tagging, the recognition
+vote) and ``nonlandmark`` (db → distractors). An approximate index is trained on the database
+it searches; a setting that cannot work at the sizes of a run (``nlist`` above its database's
+rows, ``nprobe > nlist``, HNSW on a GPU backend, no faiss) is an error naming the setting and
+the file before any search (:func:`glr.postprocess.chain.check_search`).
 
 The steps, their options (typed: ``k: three`` is an error naming the step, the option and
 the file) and their order come from :mod:`glr.postprocess.registry`; the tables below are
@@ -30,13 +41,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from glr.postprocess.registry import RERANK_NAMES, STEP_NAMES, TOP_DEFAULTS, LiveTable, get_step, steps
+from glr.postprocess.registry import (GRAPHS, RERANK_NAMES, STEP_NAMES, TOP_DEFAULTS, LiveTable, get_step,
+                                      graph_index, steps)
+from glr.search import INDEX_KINDS, IndexSpec, parse_index_spec
 from glr.utils import InputError, atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STEP_DEFAULTS", "STEPS", "TOP_DEFAULTS", "RERANKERS", "STEP_NEEDS", "normalize_config", "describe",
-           "read_config", "write_config"]
+__all__ = ["STEP_DEFAULTS", "STEPS", "TOP_DEFAULTS", "RERANKERS", "STEP_NEEDS", "normalize_config",
+           "normalize_search", "describe", "read_config", "write_config"]
 
 #: Every step with its options and their defaults, in the order the steps run (live view).
 STEP_DEFAULTS: Mapping[str, dict[str, Any]] = LiveTable(lambda: {s.name: s.defaults for s in steps()})
@@ -51,13 +64,45 @@ RERANKERS = RERANK_NAMES
 STEP_NEEDS: Mapping[str, tuple[str, ...]] = LiveTable(lambda: {s.name: s.needs for s in steps() if s.needs})
 
 
+def _spec_value(spec: IndexSpec) -> dict[str, Any] | None:
+    """An approximate :class:`~glr.search.IndexSpec` as plain config data (None when exact)."""
+    if spec.exact:
+        return None
+    opts = {o: getattr(spec, o) for o in ("nlist", "nprobe", "M", "ef") if getattr(spec, o) is not None}
+    return {spec.kind: opts}
+
+
+def normalize_search(value: Any, source: str = "post-processing config") -> dict[str, Any] | None:
+    """The ``search`` setting in its normal form, plain YAML/JSON data: None (every graph exact),
+    one spec for every graph (``{"ivf": {"nlist": 1024, "nprobe": 32}}``), or per graph
+    (``{"kreciprocal": {"ivf": {...}}, ...}``: only the approximate graphs, in :data:`GRAPHS`
+    order; None if none is).
+
+    Raises:
+        InputError: not a spec nor a mapping of graphs to specs, an unknown graph, kind or
+            option, a value of the wrong type (naming the setting, ``search.train.hnsw.M``, and
+            ``source``).
+    """
+    if isinstance(value, Mapping) and not value:
+        return None
+    if isinstance(value, Mapping) and not set(value) & set(INDEX_KINDS):
+        unknown = sorted(set(value) - set(GRAPHS))
+        if unknown:
+            raise InputError(f"search: unknown graph(s) {unknown}; graphs are {list(GRAPHS)} (or give one "
+                             f"spec for every graph: {', '.join(INDEX_KINDS)})", source)
+        per_graph = {g: _spec_value(parse_index_spec(value[g], setting=f"search.{g}", source=source))
+                     for g in GRAPHS if g in value}
+        return {g: v for g, v in per_graph.items() if v is not None} or None
+    return _spec_value(parse_index_spec(value, setting="search", source=source))
+
+
 def normalize_config(config: Mapping[str, Any] | None, source: str = "post-processing config") -> dict[str, Any]:
     """A complete configuration: every step key present (``None`` = off), defaults filled in,
-    every option of its declared type.
+    every option of its declared type, ``search`` in its normal form (:func:`normalize_search`).
 
     Raises:
         InputError: an unknown step or option, a value of the wrong type (named, with
-            ``source``), two shortlist steps on.
+            ``source``), two shortlist steps on, a bad ``search`` setting.
     """
     config = dict(config or {})
     out: dict[str, Any] = dict(TOP_DEFAULTS)
@@ -81,6 +126,7 @@ def normalize_config(config: Mapping[str, Any] | None, source: str = "post-proce
     for key in ("shortlist", "k"):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise InputError(f"{key} must be an integer >= 1, got {out[key]!r}", source)
+    out["search"] = normalize_search(out["search"], source)
     on = [s.name for s in steps("shortlist") if out[s.name]]
     if len(on) > 1:
         raise InputError(f"steps {on} both make the shortlist; turn all but one off", source)
@@ -88,7 +134,16 @@ def normalize_config(config: Mapping[str, Any] | None, source: str = "post-proce
 
 
 def describe(config: Mapping[str, Any], step: str) -> str:
-    """A short human label of one step's setting (for tables): ``"joint k=3 α=3 qe+dba"``."""
+    """A short human label of one step's setting (for tables): ``"joint k=3 α=3 qe+dba"``;
+    ``step="search"``: how the graphs are searched (``"exact"``, ``"kreciprocal IVF..., train HNSW..."``)."""
+    if step == "search":
+        specs = {g: graph_index(config, g) for g in GRAPHS}
+        approx = {g: s.describe() for g, s in specs.items() if s is not None}
+        if not approx:
+            return "exact"
+        if len(set(approx.values())) == 1 and len(approx) == len(GRAPHS):
+            return f"{next(iter(approx.values()))} (every graph)"
+        return ", ".join(f"{g} {d}" for g, d in approx.items())
     opts = config.get(step)
     if not opts:
         return "off"

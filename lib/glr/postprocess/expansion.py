@@ -323,12 +323,13 @@ def _describe_expansion(opts: dict[str, Any]) -> str:
 
 def _prewarm_expansion(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: Env) -> None:
     ks = [c["k"] for c in cands if c["form"] == "joint"]
+    index = env.index("expansion")
     if ks:
         A = np.concatenate([q, db])
-        env.cache.knn(A, A, max(ks))
+        env.cache.knn(A, A, max(ks), index=index)
     dba = [c["dba_n"] + 1 for c in cands if c["form"] == "classic" and c["dba_n"] > 0]
     if dba:
-        env.cache.knn(db, db, max(dba))
+        env.cache.knn(db, db, max(dba), index=index)
 
 
 @register_step("expansion", kind="features", order=20, label="+ DBA/αQE", describe=_describe_expansion,
@@ -341,14 +342,16 @@ def _prewarm_expansion(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarra
                         "qe_n": Option(2, int, minimum=0, help="classic: index neighbours of a query (0: off)"),
                         "dba_n": Option(10, int, minimum=0, help="classic: other index rows of a row (0: off)")})
 def _expansion_step(q: np.ndarray, db: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray]:
-    """αQE / DBA in the joint (one graph over concat(q, db)) or the classic form."""
-    cache = env.cache
+    """αQE / DBA in the joint (one graph over concat(q, db)) or the classic form; the graphs are
+    searched as the config's ``search.expansion`` says."""
+    cache, index = env.cache, env.index("expansion")
     if opts["form"] == "joint":
         A = np.concatenate([q, db])
-        graph = cache.knn(A, A, opts["k"])
+        graph = cache.knn(A, A, opts["k"], index=index)
         return qe_dba_joint(q, db, k=opts["k"], alpha=opts["alpha"], qe=opts["qe"], dba=opts["dba"], graph=graph)
     if opts["dba_n"] > 0:
-        db = alpha_dba(db, n=opts["dba_n"], alpha=opts["alpha"], graph=cache.knn(db, db, opts["dba_n"] + 1))
+        db = alpha_dba(db, n=opts["dba_n"], alpha=opts["alpha"],
+                       graph=cache.knn(db, db, opts["dba_n"] + 1, index=index))
     if opts["qe_n"] > 0:
-        q = alpha_qe(q, db, n=opts["qe_n"], alpha=opts["alpha"], graph=cache.knn(q, db, opts["qe_n"]))
+        q = alpha_qe(q, db, n=opts["qe_n"], alpha=opts["alpha"], graph=cache.knn(q, db, opts["qe_n"], index=index))
     return q, db

@@ -25,29 +25,43 @@ Two implementations of the same algorithm:
   symmetric, the column-max-then-transpose normalisation is a row maximum
   ``2 - 2·min_j s_ij``. What changes is only *how* things are computed:
 
-  - one chunked pass over ``x @ x.T`` (:func:`joint_graph`) keeps each row's ``k1 + 1`` best
-    neighbours and its minimum similarity (for the row maximum of ``d2``);
+  - the joint graph (:func:`joint_graph`: each row's ``k1 + 1`` best neighbours and its
+    minimum similarity, for the row maximum of ``d2``) is one search of ``concat(q, db)``
+    against itself through :func:`glr.search.knn`, the kit's one search path (faiss GPU,
+    torch CUDA, faiss / torch CPU, numpy), exact by default or through an approximate
+    :class:`~glr.search.IndexSpec` (``index=``);
   - the k-reciprocal sets, the expansion test and the ``np.unique`` of the union are
     vectorised over all rows in chunks, on the neighbour lists alone;
   - ``V`` is a ``scipy.sparse`` CSR matrix whose weights come from gathered dot products;
     the local query expansion is a sparse product;
-  - the Jaccard overlap ``Σ_t min(V[i,t], V[j,t])`` of a query with every row is accumulated
-    through the CSC columns of ``V`` (an inverted index) with ``np.bincount``;
-  - the ``λ``-weighted normalised distance to the index comes from ``q_chunk @ db.T`` blocks,
-    and :func:`k_reciprocal_rerank` keeps only each query's top-k.
+  - the Jaccard overlap ``Σ_t min(V[i,t], V[j,t])`` of a query with the rows it shares a
+    column of ``V`` with (its *support*) is accumulated through the CSC columns of ``V`` (an
+    inverted index) with ``np.bincount``;
+  - :func:`k_reciprocal_rerank` never forms a dense ``(queries, Ng)`` block: the final
+    distance of a column outside the support is ``(1 - λ) + λ·d2(s_ij)/rowmax_i``, decreasing
+    in ``s_ij``, so the top-k lies in the support ∪ the query's nearest index rows, which one
+    more search (``knn(q, db, k')``, the same path, always exact) gives; the final values of
+    that union are computed exactly and the best kept (see :meth:`_Prepared.top` for why this
+    is exact).
 
   Nothing changes in the numbers: the result equals :func:`k_reciprocal_exact` fed with
   ``sqrt(max(2 - 2s, 0))`` up to float32 rounding (sums are accumulated in another order,
   the Jaccard overlap in float64). Two documented differences concern exact ties only: the
-  neighbour order among exactly equal similarities is "lower index first" here and
-  numpy's unspecified quicksort order in the reference; and the graph must hold
-  ``max(k1 + 1, k2)`` neighbours (``k2`` rows are averaged by the query expansion).
+  neighbour order among exactly equal similarities is "lower index first" here (for the torch
+  and numpy backends; faiss keeps its own order) and numpy's unspecified quicksort order in the
+  reference; and the graph must hold ``max(k1 + 1, k2)`` neighbours (``k2`` rows are averaged
+  by the query expansion). With an approximate index the joint graph and the minimum
+  similarities are those the index finds: an approximation of the above. The final search stays
+  exact: it costs ``Nq · Ng · D``, ``(Nq / N)`` of the joint graph's ``N · N · D``, while an
+  approximate one would build an index of its own on ``db`` (at 1,129 + 76,176 × 512 an HNSW
+  build costs 7× the exact search) and miss candidates at ``k = topk + margin``, where
+  approximate recall is lowest (0.91 for HNSW M 24 ef 40, ``bench/bench_kreciprocal.py``).
 
-Memory of the scalable form: the features, one dense block (≤ ``BLOCK_BYTES``) and the sparse
-``V`` (at most ``N · k2 · |E|`` entries, in practice a few times ``N · |E|``), stored as CSR
-and CSC; at 1,129 + 76,176 rows × 512 dims the whole process peaks at about 1.5 GB RSS
-(``bench/bench_kreciprocal.py``). Time is dominated by the joint graph (``N² · D``
-multiply-adds: about 80 s on 2 CPU cores at that size).
+Memory of the scalable form: the features, the search's blocks (``glr.search.BLOCK_BYTES``)
+and the sparse ``V`` (at most ``N · k2 · |E|`` entries, in practice a few times ``N · |E|``),
+stored as CSR and CSC; see ``bench/bench_kreciprocal.py`` for the figures at 1,129 + 76,176
+rows × 512 dims. Time is dominated by the exact joint graph (``N² · D`` multiply-adds) unless
+its search is approximate.
 """
 
 from __future__ import annotations
@@ -60,24 +74,32 @@ import numpy as np
 import scipy.sparse as sp
 
 from glr.postprocess.registry import Env, Option, register_step
+from glr.search import IndexSpec, knn
 from glr.search import _as_matrix as _features
 from glr.search import _as_positive_int as _positive_int
-from glr.search import _chunks, _exact_fp32_matmul, _import_torch, _progress
+from glr.search import _chunks, _progress
 
 __all__ = ["joint_graph", "k_reciprocal_dist", "k_reciprocal_exact", "k_reciprocal_rerank"]
 
 log = logging.getLogger(__name__)
 
-#: Budget in bytes for one dense float32 block (``x[a:b] @ x.T`` or ``q[a:b] @ db.T``).
+#: Budget in bytes for the per-pair temporaries of one dense chunk of :func:`k_reciprocal_dist`.
 BLOCK_BYTES = 256 << 20
 #: Budget in bytes for the temporaries of the vectorised set computations.
 SET_BYTES = 64 << 20
-#: Budget in bytes for one chunk of gathered vectors (dot products of (i, E_i) pairs).
-GATHER_BYTES = 128 << 20
+#: Budget in bytes for one chunk of gathered vectors (dot products of (i, j) pairs): two reused
+#: buffers small enough to stay in cache between the gather, the product and the sum.
+GATHER_BYTES = 8 << 20
 #: Entries gathered from the inverted index per query chunk of the Jaccard step.
 JACCARD_ENTRIES = 4_000_000
+#: Index rows the final search of :func:`k_reciprocal_rerank` fetches beyond ``topk``
+#: (at least this many, or ``topk // 4``): the margin that lets it prove a query's top-k
+#: without computing its whole row (see :meth:`_Prepared.top`).
+SHORTLIST_MARGIN = 16
 
 _F32 = np.float32
+#: Unit roundoff of float32.
+_U32 = 2.0**-24
 
 
 # --------------------------------------------------------------------------- helpers
@@ -227,122 +249,57 @@ def _exact_jaccard(V: np.ndarray, nq: int) -> np.ndarray:
     return jac
 
 
-# --------------------------------------------------------------------------- top-k helpers
-def _topk_largest(block: np.ndarray, k: int, torch: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` largest values of each row of ``block`` and their columns, best first,
-    exactly tied values by lower column.
-
-    With ``torch``, ``torch.topk`` (no copy of the block) picks ``k + 1`` candidates; a row is
-    recomputed in full only where the k-th and (k+1)-th values are equal (a tie that the
-    selection may have cut arbitrarily). Without, ``np.argpartition`` and a count of the values
-    ``>=`` the k-th one find those rows.
-    """
-    n, m = block.shape
-    k = min(k, m)
-    if k == m:
-        idx = np.broadcast_to(np.arange(m), (n, m)).copy()
-        ambiguous = np.zeros(n, bool)
-    elif torch is not None:
-        with torch.inference_mode():
-            top = torch.topk(torch.from_numpy(block), k + 1, dim=1)
-        tv, ti = top.values.numpy(), top.indices.numpy()
-        idx = np.ascontiguousarray(ti[:, :k])
-        ambiguous = tv[:, k] == tv[:, k - 1]
-    else:
-        idx = np.argpartition(block, m - k, axis=1)[:, m - k:]
-        kth = np.take_along_axis(block, idx, 1).min(axis=1)
-        ambiguous = np.count_nonzero(block >= kth[:, None], axis=1) > k
-    for r in np.nonzero(ambiguous)[0]:
-        kth = np.take_along_axis(block[r], idx[r], 0).min()
-        cols = np.flatnonzero(block[r] >= kth)
-        idx[r] = cols[np.lexsort((cols, -block[r, cols]))[:k]]
-    vals = np.take_along_axis(block, idx, 1)
-    order = np.lexsort((idx, -vals), axis=1)
-    return np.take_along_axis(vals, order, 1), np.take_along_axis(idx, order, 1).astype(np.int64, copy=False)
-
-
-class _Matmul:
-    """``a @ b.T`` blocks in float32, with torch on the CPU when it imports (multi-threaded,
-    exact fp32), else numpy."""
-
-    def __init__(self, b: np.ndarray) -> None:
-        self.torch = _import_torch()
-        self.b = b
-        self.bt = self.torch.from_numpy(b) if self.torch is not None else None
-
-    def dot(self, a: np.ndarray) -> np.ndarray:
-        """(len(a), len(b)) float32 ``a @ b.T``."""
-        if self.torch is None:
-            return a @ self.b.T
-        torch = self.torch
-        with torch.inference_mode(), _exact_fp32_matmul(torch):
-            return (torch.from_numpy(a) @ self.bt.T).numpy()
-
-    def min_topk(self, a: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row minimum and top-k (values, columns; ties by lower column) of ``a @ b.T``."""
-        block = self.dot(a)
-        vals, idx = _topk_largest(block, k, self.torch)
-        return block.min(axis=1), vals, idx
-
-
-def _block_rows(n_cols: int, batch: int | None, budget: int = BLOCK_BYTES) -> int:
-    if batch is not None:
-        return _positive_int(batch, "batch")
-    return max(1, budget // (4 * max(1, n_cols)))
-
-
 # --------------------------------------------------------------------------- joint graph
 def joint_graph(
-    x: np.ndarray, k: int, batch: int | None = None, progress: bool = False
+    x: np.ndarray,
+    k: int,
+    batch: int | None = None,
+    progress: bool = False,
+    index: IndexSpec | None = None,
+    backend: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k neighbours and minimum similarity of every row of ``x`` among all rows of ``x``.
 
-    One chunked pass over ``x @ x.T`` (torch on the CPU when available, else numpy); each
-    block holds ``batch`` rows of similarities (default: ≤ ``BLOCK_BYTES``).
+    One search of ``x`` against itself through :func:`glr.search.knn` with ``with_min=True``:
+    on the GPU when the backend sees one, else on the CPU (exact search with ``with_min``
+    resolves ``"auto"`` to torch there: one pass gives the top-k and the minimum).
 
     Args:
         x: (N, D) features, normally ``concat(q, db)`` of L2-normalised rows.
         k: neighbours per row (>= 1), the row itself included; clipped to N.
-        batch: rows of ``x`` per block.
-        progress: show a tqdm bar over the blocks.
+        batch: rows of ``x`` per search block (``query_batch`` of :func:`glr.search.knn`).
+        progress: show a progress bar.
+        index: how to search (None / exact: exact; IVF / HNSW: an approximate index trained
+            on ``x``).
+        backend: the :func:`glr.search.knn` backend.
 
     Returns:
-        ``S`` float32 (N, k') inner products and ``I`` int64 (N, k') row indices, best first
-        (exactly tied similarities by lower index), ``k' = min(k, N)``; and ``smin`` float32
-        (N,), each row's minimum similarity over all N rows (itself included).
+        ``S`` float32 (N, k') inner products and ``I`` int64 (N, k') row indices, best first,
+        ``k' = min(k, N)``; exactly tied similarities by lower index for the exact torch and
+        numpy backends (faiss keeps its own order); an approximate index may leave ``-1``
+        where it found fewer than k' rows. ``smin`` float32 (N,): each row's minimum
+        similarity over all N rows (itself included; approximate with an approximate index).
 
     Raises:
         ValueError: bad shape, NaN/inf values, ``k`` or ``batch`` < 1.
     """
     x = _features(x, "x")
     k = _positive_int(k, "k")
+    if batch is not None:
+        batch = _positive_int(batch, "batch")
     n = x.shape[0]
     kk = min(k, n)
-    S = np.empty((n, kk), np.float32)
-    I = np.empty((n, kk), np.int64)
-    smin = np.empty(n, np.float32)
     if n == 0:
-        return S, I, smin
-    rows = min(_block_rows(n, batch), n)
-    mm = _Matmul(x)
-    log.info("joint_graph: n=%d d=%d k=%d rows/block=%d backend=%s", n, x.shape[1], kk, rows,
-             "torch" if mm.torch is not None else "numpy")
-    chunks = _chunks(n, rows)
-    bar = _progress(len(chunks), progress, "joint graph")
-    try:
-        for a, b in chunks:
-            smin[a:b], S[a:b], I[a:b] = mm.min_topk(x[a:b], kk)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    return S, I, smin
+        return np.empty((0, kk), np.float32), np.empty((0, kk), np.int64), np.empty(0, np.float32)
+    S, I, smin = knn(x, x, kk, backend=backend, query_batch=batch, progress=progress, index=index, with_min=True)
+    return S, I, np.asarray(smin, np.float32)
 
 
 # --------------------------------------------------------------------------- scalable form
 def _check_graph(graph: Any, n: int, need: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``need`` first neighbour columns and the min similarities of a precomputed graph."""
+    """The ``need`` first neighbour columns and the min similarities of a (precomputed) graph.
+
+    ``-1`` (a neighbour an approximate index did not find) is taken to be the row itself."""
     if not isinstance(graph, (tuple, list)) or len(graph) != 3:
         raise ValueError("graph must be the (S, I, smin) tuple returned by joint_graph")
     S, I, smin = (np.asarray(g) for g in graph)
@@ -358,15 +315,19 @@ def _check_graph(graph: Any, n: int, need: int) -> tuple[np.ndarray, np.ndarray]
     if smin.shape != (n,):
         raise ValueError(f"graph smin must have shape ({n},), got {smin.shape}")
     I = np.ascontiguousarray(I[:, :need], dtype=np.int64)
-    if I.size and (I.min() < 0 or I.max() >= n):
+    if I.size and (I.min() < -1 or I.max() >= n):
         raise ValueError(f"graph I holds row indices outside [0, {n})")
+    missing = I < 0
+    if missing.any():
+        log.warning("k-reciprocal: %d neighbour(s) of the joint graph are missing (-1: the index found fewer "
+                    "than %d rows); each counts as the row itself", int(missing.sum()), need)
+        I = np.where(missing, np.arange(n)[:, None], I)
     return I, np.asarray(smin, np.float32)
 
 
 def _sq_dist(s: np.ndarray) -> np.ndarray:
     """Squared Euclidean distance of unit vectors from their inner product, float32."""
     return np.maximum(_F32(2.0) - _F32(2.0) * s, _F32(0.0))
-
 
 def _reciprocal_mask(R: np.ndarray, slots: int) -> np.ndarray:
     """``M[i, a]``: is ``i`` among the first ``slots`` neighbours of ``R[i, a]`` (a < slots)."""
@@ -419,35 +380,99 @@ def _expansion_sets(R: np.ndarray, k1: int) -> tuple[np.ndarray, np.ndarray]:
     return indptr, cols
 
 
-def _pair_dots(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``x[rows[p]] · x[cols[p]]`` for every pair p, float32, in bounded chunks."""
-    out = np.empty(len(rows), np.float32)
-    step = max(1, GATHER_BYTES // (8 * max(1, x.shape[1])))
-    for a, b in _chunks(len(rows), step):
-        out[a:b] = np.einsum("ij,ij->i", x[rows[a:b]], x[cols[a:b]])
+
+def _gather(q: np.ndarray, db: np.ndarray, idx: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``idx`` of ``concat(q, db)`` (which is never built), float32 (len(idx), D), into ``out``
+    when given (a reused buffer: a fresh one costs its page faults, as much as the gather)."""
+    nq = len(q)
+    if out is None:
+        out = np.empty((len(idx), q.shape[1]), np.float32)
+    # np.take of the index rows, then the (few) query rows by position: boolean-mask
+    # assignment of whole rows is several times slower than these two gathers
+    if len(db):
+        np.take(db, np.maximum(idx - nq, 0), axis=0, out=out)
+    low = np.flatnonzero(idx < nq)
+    if len(low):
+        out[low] = q[idx[low]]
     return out
 
 
+def _pair_dots(q: np.ndarray, db: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``x[rows[p]] · x[cols[p]]`` for every pair p, ``x = concat(q, db)``, float32, in bounded chunks.
+
+    The products, then numpy's (pairwise) sum over D: a pair's value depends on its two
+    vectors only, not on the other pairs computed with it, so the sparse and the dense final
+    paths give the same bits for the same pair.
+    """
+    out = np.empty(len(rows), np.float32)
+    step = min(len(rows), max(1, GATHER_BYTES // (8 * max(1, q.shape[1]))))
+    left = np.empty((step, q.shape[1]), np.float32)
+    right = np.empty_like(left)
+    for a, b in _chunks(len(rows), step):
+        prod = _gather(q, db, rows[a:b], left[:b - a])
+        prod *= _gather(q, db, cols[a:b], right[:b - a])
+        np.sum(prod, axis=1, out=out[a:b])
+    return out
+
+
+def _weights(q: np.ndarray, db: np.ndarray, I: np.ndarray, indptr: np.ndarray, cols: np.ndarray,
+             rowmax: np.ndarray, k2: int) -> sp.csr_array:
+    """The (N, N) CSR ``V``: softmax(-d2/rowmax) over each expansion set, then the local query
+    expansion (the mean of the ``V`` rows of the first ``k2`` neighbours) when ``k2 != 1``."""
+    n = len(indptr) - 1
+    rows = np.repeat(np.arange(n, dtype=cols.dtype), np.diff(indptr))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dn = _sq_dist(_pair_dots(q, db, rows, cols)) / rowmax[rows]
+    w = np.exp(-dn)
+    del dn
+    wsum = np.bincount(rows, weights=w, minlength=n).astype(np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w /= wsum[rows]
+    del rows, wsum
+    V = sp.csr_array((w, cols, indptr), shape=(n, n))
+    del w
+    k2 = min(k2, n)
+    if k2 != 1:
+        # V_qe[i] = mean of the V rows R[i, :k2]: a 0/1 sparse product, then / k2 in float32.
+        A = sp.csr_array((np.ones(n * k2, np.float32), I[:, :k2].ravel(),
+                          np.arange(0, n * k2 + 1, k2, dtype=np.int64)), shape=(n, n))
+        V = (A @ V).tocsr()
+        del A
+        np.divide(V.data, k2, out=V.data)
+    return V
+
+
+def _best(score: np.ndarray, cols: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` largest ``score`` of one row and their ``cols``, exact ties by lower column."""
+    order = np.lexsort((cols, -score))[:k]
+    return score[order], cols[order]
+
+
 class _Prepared:
-    """What the query chunks need: the features, row maxima of ``d2`` and the (expanded) ``V``."""
+    """What the query chunks need: the features, the row maxima of ``d2`` and the (expanded) ``V``."""
 
     def __init__(self, q: np.ndarray, db: np.ndarray, k1: int, k2: int, graph: Any, batch: int | None,
-                 progress: bool) -> None:
+                 progress: bool, index: IndexSpec | None, backend: str) -> None:
         t0 = time.perf_counter()
         self.q, self.db = q, db
         self.nq, self.ng = len(q), len(db)
-        x = np.concatenate([q, db])
-        n = self.n = len(x)
+        n = self.n = self.nq + self.ng
         need = min(max(k1 + 1, k2), n)
-        norms = np.linalg.norm(x, axis=1)
-        if n and float(np.max(np.abs(norms - 1.0))) > 1e-3:
-            log.warning("k-reciprocal: rows are not L2-normalised (norms in [%.4g, %.4g]); distances are "
-                        "computed as sqrt(max(2 - 2s, 0))", float(norms.min()), float(norms.max()))
-        del norms
-        if graph is None:
-            _, I, smin = joint_graph(x, need, batch=batch, progress=progress)
-        else:
+        if graph is not None:  # checked before any long work
             I, smin = _check_graph(graph, n, need)
+        self.qnorm = np.linalg.norm(q, axis=1)
+        dbnorm = np.linalg.norm(db, axis=1)
+        self.dbnorm = float(dbnorm.max()) if self.ng else 0.0
+        lo, hi = float(min(self.qnorm.min(), dbnorm.min())), float(max(self.qnorm.max(), self.dbnorm))
+        del dbnorm
+        if max(abs(lo - 1.0), abs(hi - 1.0)) > 1e-3:
+            log.warning("k-reciprocal: rows are not L2-normalised (norms up to %.4g); distances are computed "
+                        "as sqrt(max(2 - 2s, 0))", hi)
+        if graph is None:
+            x = np.concatenate([q, db])  # the one full-size copy, dropped after the search
+            I, smin = _check_graph(joint_graph(x, need, batch=batch, progress=progress, index=index,
+                                               backend=backend), n, need)
+            del x
         t0 = _phase("joint graph", t0, n=n, k=need, precomputed=graph is not None)
 
         self.rowmax = _sq_dist(smin)  # max_j d2[i, j] = 2 - 2 min_j s_ij
@@ -455,38 +480,21 @@ class _Prepared:
             log.warning("k-reciprocal: a row has all distances 0 (identical rows); the reference gives NaN")
         indptr, cols = _expansion_sets(I, k1)
         t0 = _phase("reciprocal sets", t0, nnz=len(cols), mean_E=f"{len(cols) / max(1, n):.1f}")
+        self.V = _weights(q, db, I, indptr, cols, self.rowmax, k2)
+        del indptr, cols
+        self.Vc = self.V.tocsc()
+        _phase("V", t0, nnz=self.V.nnz, MB=f"{2 * (self.V.data.nbytes + self.V.indices.nbytes) / 2**20:.0f}")
 
-        rows = np.repeat(np.arange(n, dtype=cols.dtype), np.diff(indptr))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dn = _sq_dist(_pair_dots(x, rows, cols)) / self.rowmax[rows]
-        w = np.exp(-dn)
-        del dn
-        wsum = np.bincount(rows, weights=w, minlength=n).astype(np.float32)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            w /= wsum[rows]
-        del rows, wsum, x
-        V = sp.csr_array((w, cols, indptr), shape=(n, n))
-        del w, cols, indptr
-        k2 = min(k2, n)
-        if k2 != 1:
-            # V_qe[i] = mean of the V rows R[i, :k2]: a 0/1 sparse product, then / k2 in float32.
-            A = sp.csr_array((np.ones(n * k2, np.float32), I[:, :k2].ravel(),
-                              np.arange(0, n * k2 + 1, k2, dtype=np.int64)), shape=(n, n))
-            V = (A @ V).tocsr()
-            del A
-            np.divide(V.data, k2, out=V.data)
-        self.V = V
-        self.Vc = V.tocsc()
-        t0 = _phase("V", t0, nnz=V.nnz, MB=f"{2 * (V.data.nbytes + V.indices.nbytes) / 2**20:.0f}")
-
-    def query_chunks(self, batch: int | None) -> list[tuple[int, int]]:
-        """Query ranges whose Jaccard gathers stay within ``JACCARD_ENTRIES`` and whose dense
-        blocks within ``BLOCK_BYTES``."""
+    def query_chunks(self, batch: int | None, dense: bool) -> list[tuple[int, int]]:
+        """Query ranges whose Jaccard gathers stay within ``JACCARD_ENTRIES``, of at most
+        ``batch`` queries; ``dense``: also within ``BLOCK_BYTES`` of (queries, Ng) pairs."""
         V, Vc, nq = self.V, self.Vc, self.nq
         lens = np.diff(Vc.indptr)
         row_of = np.repeat(np.arange(nq), np.diff(V.indptr[: nq + 1]))
         work = np.bincount(row_of, weights=lens[V.indices[: V.indptr[nq]]], minlength=nq).astype(np.int64)
-        most = min(_block_rows(self.ng, batch), max(1, BLOCK_BYTES // (8 * max(1, self.ng))))
+        most = _positive_int(batch, "batch") if batch is not None else nq
+        if dense:
+            most = min(most, max(1, BLOCK_BYTES // (48 * max(1, self.ng))))
         out, a = [], 0
         while a < nq:
             b, total = a + 1, int(work[a])
@@ -497,8 +505,14 @@ class _Prepared:
             a = b
         return out
 
-    def final(self, a: int, b: int, lam: float, mm: _Matmul) -> np.ndarray:
-        """(b - a, Ng) float32 final distances of queries ``a:b``."""
+    def support(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """The Jaccard overlaps of queries ``a:b`` with the index rows they share a column of V with.
+
+        Returns ``keys`` int64, sorted and unique, ``(query - a) · Ng + index row``, and ``m``
+        float32, ``Σ_t min(V[i,t], V[j,t])`` of each (summed in float64 in the order of the
+        inverted index, whatever the other queries of the chunk: a pair gets the same bits in
+        any chunk). Every other (query, index row) pair has ``m = 0``.
+        """
         V, Vc, nq, ng = self.V, self.Vc, self.nq, self.ng
         p0, p1 = V.indptr[a], V.indptr[b]
         sup, vi = V.indices[p0:p1], V.data[p0:p1]
@@ -512,13 +526,81 @@ class _Prepared:
         mins = np.minimum(np.repeat(vi, lens)[keep], Vc.data[pos][keep])
         key = np.repeat(qloc, lens)[keep] * ng + (j[keep] - nq)
         del pos, j, keep
-        m = np.bincount(key, weights=mins, minlength=(b - a) * ng).astype(np.float32).reshape(b - a, ng)
-        del key, mins
+        keys, inv = np.unique(key, return_inverse=True)
+        return keys, np.bincount(inv, weights=mins, minlength=len(keys)).astype(np.float32)
+
+    def finals(self, a: int, ql: np.ndarray, cols: np.ndarray, m: np.ndarray, lam: float) -> np.ndarray:
+        """float32 final distances of the pairs (query ``a + ql``, index row ``cols``) whose
+        Jaccard overlap is ``m``."""
         jac = 1 - m / (2.0 - m)
-        del m
+        rows = a + ql
+        # λ = 0: the distance term is dn·0 = +0 whatever s is (or NaN when rowmax = 0, for any s)
+        s = _pair_dots(self.q, self.db, rows, cols + self.nq) if lam else np.zeros(len(rows), np.float32)
         with np.errstate(invalid="ignore", divide="ignore"):
-            dn = _sq_dist(mm.dot(self.q[a:b])) / self.rowmax[a:b, None]
+            dn = _sq_dist(s) / self.rowmax[rows]
         return _combine(jac, dn, lam)
+
+    def dense(self, a: int, b: int, lam: float) -> np.ndarray:
+        """(b - a, Ng) float32 final distances of queries ``a:b`` against every index row."""
+        keys, m = self.support(a, b)
+        full = np.zeros((b - a) * self.ng, np.float32)
+        full[keys] = m
+        ql, cols = np.divmod(np.arange((b - a) * self.ng), self.ng)
+        return self.finals(a, ql, cols, full, lam).reshape(b - a, self.ng)
+
+    def bound(self, a: int, b: int, s_last: np.ndarray, lam: float) -> np.ndarray:
+        """(b - a,) the largest score ``1 - final`` an index row outside a query's support and
+        its shortlist can have, given the shortlist's lowest similarity ``s_last``."""
+        # Two float32 dot products of the same vectors (the search's and _pair_dots') differ
+        # by at most 2·γ_D·|q||db| (γ_D = D·u/(1 - D·u), recursive summation; blocked and
+        # pairwise sums do better): a row the search ranked below s_last has s <= s_last + tol.
+        d = self.q.shape[1]
+        tol = 4.0 * d * _U32 * self.qnorm[a:b] * self.dbnorm
+        s = (s_last.astype(np.float64) + tol).astype(np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dn = _sq_dist(s) / self.rowmax[a:b]
+        return _F32(1.0) - _combine(np.ones(b - a, np.float32), dn, lam)
+
+    def top(self, a: int, b: int, s_short: np.ndarray, i_short: np.ndarray, k: int,
+            lam: float) -> tuple[np.ndarray, np.ndarray, int]:
+        """The top ``k`` (score ``1 - final``, exact ties by lower row) of queries ``a:b``.
+
+        Candidates: the query's support (``m > 0``) and its shortlist ``i_short`` (its
+        nearest index rows by similarity, ``s_short``, from an exact search). Why this is
+        exact: outside the support ``m = 0``, so ``jac = 1`` and
+        ``final = (1 - λ) + λ·d2(s)/rowmax``, non-decreasing as ``s`` decreases in float32 as
+        in the reals (each operation rounds monotonically). A row left out has a similarity at
+        most the shortlist's lowest, up to the rounding of two dot products: its score is at
+        most :meth:`bound`. Where the k-th candidate's score is strictly above that bound, the
+        k candidates ahead of it beat every row left out, so the top-k of the candidates,
+        ordered like the full row, is the top-k of the full row. Where it is not (exact ties
+        at the shortlist's end, λ = 0, rowmax = 0), or the candidates number fewer than k (a
+        given shortlist with missing rows, -1), the query's whole row is computed
+        (:meth:`dense`), as :func:`k_reciprocal_dist` does. Returns ``(S, I, dense rows)``.
+        """
+        ng = self.ng
+        m_keys, m = self.support(a, b)
+        flat = i_short.ravel()
+        found = flat >= 0
+        short_keys = np.repeat(np.arange(b - a), i_short.shape[1])[found] * ng + flat[found]
+        keys = np.union1d(m_keys, short_keys)
+        mu = np.zeros(len(keys), np.float32)
+        mu[np.searchsorted(keys, m_keys)] = m
+        ql, cols = np.divmod(keys, ng)
+        score = _F32(1.0) - self.finals(a, ql, cols, mu, lam)
+        counts = np.bincount(ql, minlength=b - a)
+        S = np.zeros((b - a, k), np.float32)
+        I = np.zeros((b - a, k), np.int64)
+        dense = counts < k
+        if len(keys):
+            order = np.lexsort((cols, -score, ql))  # by query, then best first, ties by lower row
+            take = order[np.minimum((np.cumsum(counts) - counts)[:, None] + np.arange(k), len(keys) - 1)]
+            S[:], I[:] = score[take], cols[take]
+            if i_short.shape[1] < ng:
+                dense |= ~(S[:, -1] > self.bound(a, b, s_short.min(axis=1), lam))
+        for r in np.flatnonzero(dense):
+            S[r], I[r] = _best(_F32(1.0) - self.dense(a + r, a + r + 1, lam)[0], np.arange(ng), k)
+        return S, I, int(dense.sum())
 
 
 def _prepare_inputs(q: Any, db: Any, k1: Any, k2: Any, lambda_value: Any
@@ -531,24 +613,35 @@ def _prepare_inputs(q: Any, db: Any, k1: Any, k2: Any, lambda_value: Any
     return q, db, k1, k2, lam
 
 
-def _run(q: np.ndarray, db: np.ndarray, k1: int, k2: int, lam: float, graph: Any, batch: int | None,
-         progress: bool) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(a, b, final[a:b])`` over query chunks."""
-    log.info("k-reciprocal: nq=%d ng=%d d=%d k1=%d k2=%d lambda=%g", len(q), len(db), q.shape[1], k1, k2, lam)
-    prep = _Prepared(q, db, k1, k2, graph, batch, progress)
-    t0 = time.perf_counter()
-    chunks = prep.query_chunks(batch)
-    mm = _Matmul(db)
-    bar = _progress(len(q), progress, "k-reciprocal", unit="query")
+def _with_bar(chunks: list[tuple[int, int]], progress: bool) -> Iterator[tuple[int, int]]:
+    """The query chunks, with a progress bar over their queries."""
+    bar = _progress(sum(b - a for a, b in chunks), progress, "k-reciprocal", unit="query")
     try:
         for a, b in chunks:
-            yield a, b, prep.final(a, b, lam, mm)
+            yield a, b
             if bar is not None:
                 bar.update(b - a)
     finally:
         if bar is not None:
             bar.close()
-    _phase("Jaccard+final", t0, chunks=len(chunks))
+
+
+def _shortlist_k(topk: int, ng: int) -> int:
+    """Index rows the final search fetches for ``topk`` results (see ``SHORTLIST_MARGIN``)."""
+    return min(ng, topk + max(SHORTLIST_MARGIN, topk // 4))
+
+
+def _check_shortlist(shortlist: Any, nq: int, ng: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(shortlist, (tuple, list)) or len(shortlist) != 2:
+        raise ValueError("shortlist must be the (S, I) tuple of knn(q, db, k)")
+    S, I = (np.asarray(g) for g in shortlist)
+    if I.ndim != 2 or S.shape != I.shape or I.shape[0] != nq or not np.issubdtype(I.dtype, np.integer):
+        raise ValueError(f"shortlist S and I must be ({nq}, k) arrays (I integer), got {S.shape} and {I.shape}")
+    if I.shape[1] < k:
+        raise ValueError(f"shortlist has {I.shape[1]} columns; topk needs {k}")
+    if I.size and (I.min() < -1 or I.max() >= ng):
+        raise ValueError(f"shortlist I holds index rows outside [0, {ng})")
+    return np.asarray(S, np.float32), I.astype(np.int64, copy=False)
 
 
 def k_reciprocal_dist(
@@ -560,11 +653,14 @@ def k_reciprocal_dist(
     graph: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     batch: int | None = None,
     progress: bool = False,
+    index: IndexSpec | None = None,
+    backend: str = "auto",
 ) -> np.ndarray:
     """Dense k-reciprocal final distances by the scalable path (for small inputs and tests).
 
-    Same computation as :func:`k_reciprocal_rerank`, keeping every column; equals
-    :func:`k_reciprocal_exact` fed with ``sqrt(max(2 - 2 q·db, 0))`` etc. up to float32 rounding.
+    Same computation as :func:`k_reciprocal_rerank`, keeping every column (the same bits for
+    every (query, index row) pair); equals :func:`k_reciprocal_exact` fed with
+    ``sqrt(max(2 - 2 q·db, 0))`` etc. up to float32 rounding.
 
     Args:
         q: (Nq, D) L2-normalised queries.
@@ -572,8 +668,10 @@ def k_reciprocal_dist(
         k1, k2, lambda_value: as :func:`k_reciprocal_exact`.
         graph: optional ``joint_graph(concat(q, db), k)`` result with ``k >= max(k1 + 1, k2)``
             (``k = N`` suffices when N is smaller); extra columns are ignored.
-        batch: rows per dense block (default: one float32 block ≤ ``BLOCK_BYTES``).
-        progress: show tqdm bars.
+        batch: queries per chunk (and rows per block of the joint graph's search).
+        progress: show progress bars.
+        index: how the joint graph is searched (see :func:`joint_graph`); exact by default.
+        backend: the :func:`glr.search.knn` backend.
 
     Returns:
         (Nq, Ng) float32 final distances, smaller = better.
@@ -585,8 +683,11 @@ def k_reciprocal_dist(
     out = np.zeros((len(q), len(db)), np.float32)
     if len(q) == 0 or len(db) == 0:
         return out
-    for a, b, final in _run(q, db, k1, k2, lam, graph, batch, progress):
-        out[a:b] = final
+    log.info("k-reciprocal (dense): nq=%d ng=%d d=%d k1=%d k2=%d lambda=%g", len(q), len(db), q.shape[1], k1,
+             k2, lam)
+    prep = _Prepared(q, db, k1, k2, graph, batch, progress, index, backend)
+    for a, b in _with_bar(prep.query_chunks(batch, dense=True), progress):
+        out[a:b] = prep.dense(a, b, lam)
     return out
 
 
@@ -600,11 +701,18 @@ def k_reciprocal_rerank(
     graph: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     batch: int | None = None,
     progress: bool = False,
+    index: IndexSpec | None = None,
+    backend: str = "auto",
+    shortlist: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-reciprocal re-ranking of every index row for every query, top-k kept.
 
     The scalable form of :func:`k_reciprocal_exact` on features (see the module docstring):
-    no (N, N) matrix is built, N = Nq + Ng.
+    no (N, N) matrix and no dense (queries, Ng) block is built, N = Nq + Ng. Two searches,
+    both through :func:`glr.search.knn`: the joint graph of ``concat(q, db)`` (as ``index``
+    says) and, exactly, the queries' nearest ``topk + max(SHORTLIST_MARGIN, topk // 4)`` index
+    rows (the final candidates beside each query's Jaccard support). The result is the top-k of
+    :func:`k_reciprocal_dist` with the same graph, bit for bit.
 
     Args:
         q: (Nq, D) L2-normalised queries.
@@ -616,36 +724,67 @@ def k_reciprocal_rerank(
         graph: optional precomputed ``joint_graph(concat(q, db), k)`` with
             ``k >= max(k1 + 1, k2)`` (``k = N`` suffices when N is smaller); extra columns are
             ignored, so a sweep over k1/k2/λ computes it once.
-        batch: rows per dense block (default: one float32 block ≤ ``BLOCK_BYTES``).
-        progress: show tqdm bars.
+        batch: queries per chunk (and rows per block of the joint graph's search).
+        progress: show progress bars.
+        index: how the joint graph is searched: None / exact, or an approximate
+            :class:`~glr.search.IndexSpec` (IVF / HNSW, trained on ``concat(q, db)``); the
+            final search is exact either way (see the module docstring).
+        backend: the :func:`glr.search.knn` backend.
+        shortlist: optional precomputed exact ``knn(q, db, k)`` ``(S, I)`` with
+            ``k >= min(topk, Ng)``; a few more columns than ``topk`` spare whole-row
+            computations at ties.
 
     Returns:
         ``S`` float32 (Nq, k') = ``1 - final`` (higher is better) and ``I`` int64 (Nq, k') index
         rows, best first (exact ties by lower row), ``k' = min(topk, Ng)``.
 
     Raises:
-        ValueError: bad shapes or values, bad parameters, a graph of the wrong size.
+        ValueError: bad shapes or values, bad parameters, a graph or shortlist of the wrong size.
     """
     q, db, k1, k2, lam = _prepare_inputs(q, db, k1, k2, lambda_value)
     topk = _positive_int(topk, "topk")
-    kk = min(topk, len(db))
-    S = np.zeros((len(q), kk), np.float32)
-    I = np.zeros((len(q), kk), np.int64)
-    if len(q) == 0 or kk == 0:
+    nq, ng = len(q), len(db)
+    kk = min(topk, ng)
+    S = np.zeros((nq, kk), np.float32)
+    I = np.zeros((nq, kk), np.int64)
+    if nq == 0 or kk == 0:
         return S, I
-    torch = _import_torch()
-    for a, b, final in _run(q, db, k1, k2, lam, graph, batch, progress):
-        S[a:b], I[a:b] = _topk_largest(_F32(1.0) - final, kk, torch)
+    if shortlist is not None:
+        shortlist = _check_shortlist(shortlist, nq, ng, kk)
+    log.info("k-reciprocal: nq=%d ng=%d d=%d k1=%d k2=%d lambda=%g topk=%d search=%s", nq, ng, q.shape[1], k1, k2,
+             lam, kk, "exact" if index is None else index.key())
+    prep = _Prepared(q, db, k1, k2, graph, batch, progress, index, backend)
+    t0 = time.perf_counter()
+    if shortlist is None:
+        shortlist = knn(q, db, _shortlist_k(kk, ng), backend=backend, progress=progress)
+    t0 = _phase("shortlist", t0, k=shortlist[1].shape[1])
+    chunks = prep.query_chunks(batch, dense=False)
+    dense = 0
+    for a, b in _with_bar(chunks, progress):
+        S[a:b], I[a:b], nd = prep.top(a, b, shortlist[0][a:b], shortlist[1][a:b], kk, lam)
+        dense += nd
+    _phase("Jaccard+final", t0, chunks=len(chunks), dense_rows=dense)
     return S, I
 
 
 # --------------------------------------------------------------------------- the chain's step
+def _final_candidates(q: np.ndarray, db: np.ndarray, k: int, env: Env) -> tuple[np.ndarray, np.ndarray]:
+    """The exact ``knn(q, db, k)`` of the final step, memoised in ``env.cache.memo`` per (q, db, k)
+    like the chain's shortlists: a sweep over k1/k2/λ searches once."""
+    key = f"kreciprocal-final-{env.cache.fp(q)}-{env.cache.fp(db)}-k{k}"
+    got = env.cache.memo.get(key)
+    if got is None:
+        backend = getattr(env.cache, "backend", "auto")  # the cache's backend, as for its own searches
+        got = env.cache.memo[key] = knn(q, db, k, backend=backend, progress=env.progress)
+    return got
+
+
 def _graph_k(opts: dict[str, Any]) -> int:
     return max(opts["k1"] + 1, opts["k2"])  # the local expansion averages k2 rows
 
 
 def _prewarm(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: Env) -> None:
-    env.cache.joint(np.concatenate([q, db]), max(_graph_k(c) for c in cands))
+    env.cache.joint(np.concatenate([q, db]), max(_graph_k(c) for c in cands), index=env.index("kreciprocal"))
 
 
 @register_step("kreciprocal", kind="shortlist", order=10, label="+ k-reciprocal", prewarm=_prewarm,
@@ -655,7 +794,11 @@ def _prewarm(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: En
                         "lambda": Option(0.3, float, minimum=0.0, maximum=1.0,
                                          help="weight of the original distance")})
 def _step(q: np.ndarray, db: np.ndarray, opts: dict[str, Any], n: int, env: Env) -> tuple[np.ndarray, np.ndarray]:
-    """The top ``n`` index rows of every query by k-reciprocal re-ranking of the whole index."""
-    graph = env.cache.joint(np.concatenate([q, db]), _graph_k(opts))
+    """The top ``n`` index rows of every query by k-reciprocal re-ranking of the whole index; the
+    joint graph through the cache, searched as the config's ``search.kreciprocal`` says, the
+    final candidates exactly."""
+    index = env.index("kreciprocal")
+    graph = env.cache.joint(np.concatenate([q, db]), _graph_k(opts), index=index)
+    shortlist = _final_candidates(q, db, _shortlist_k(min(n, len(db)), len(db)), env)
     return k_reciprocal_rerank(q, db, k1=opts["k1"], k2=opts["k2"], lambda_value=opts["lambda"], topk=n,
-                               graph=graph, progress=env.progress)
+                               graph=graph, progress=env.progress, index=index, shortlist=shortlist)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from glr.postprocess.registry import Env, Option, register_step
-from glr.search import knn
+from glr.search import IndexSpec, knn
 from glr.submission import recognition_predictions
 
 log = logging.getLogger(__name__)
@@ -542,6 +542,7 @@ def nonlandmark_scores(
     k: int = 5,
     batch: int | None = None,
     backend: str = "auto",
+    index: IndexSpec | None = None,
 ) -> np.ndarray:
     """How much each image looks like an out-of-domain (non-landmark) image.
 
@@ -551,6 +552,7 @@ def nonlandmark_scores(
         k: number of nearest distractors averaged (clipped to Nd).
         batch: queries per chunk of the exact search (default: :func:`glr.search.knn`'s).
         backend: :func:`glr.search.knn` backend.
+        index: how the distractors are searched (:class:`~glr.search.IndexSpec`; None: exactly).
 
     Returns:
         float32 (N,): the mean of each row's top-k inner products with the distractors.
@@ -562,7 +564,7 @@ def nonlandmark_scores(
     d = np.asarray(distractors)
     if d.ndim != 2 or d.shape[0] == 0:
         raise ValueError(f"distractors must be a non-empty 2-D (Nd, D) array, got shape {d.shape}")
-    Sd, _ = knn(x, d, k, backend=backend, query_batch=batch)
+    Sd, _ = knn(x, d, k, backend=backend, query_batch=batch, index=index)
     out = Sd.astype(np.float64).mean(axis=1) if Sd.shape[1] else np.zeros(len(Sd))
     log.info("nonlandmark_scores: %d rows against %d distractors, k=%d", len(Sd), d.shape[0], Sd.shape[1])
     return out.astype(np.float32)
@@ -617,14 +619,15 @@ def _train_neighbours(env: Env) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(Sq, Iq)`` the queries' top train neighbours (as many as the train-tagging steps on
     need at most) and ``Idb`` (Ndb, 1) each index row's top-1 train neighbour."""
     kq = max(env.config[s]["k"] if env.config.get(s) else 1 for s in TRAIN_TAGGERS)
-    Sq, Iq = env.cache.knn(env.q, env.ctx.train, kq)
-    _, Idb = env.cache.knn(env.db, env.ctx.train, 1)
+    index = env.index("train")  # approximate: one index over the train set serves both searches
+    Sq, Iq = env.cache.knn(env.q, env.ctx.train, kq, index=index)
+    _, Idb = env.cache.knn(env.db, env.ctx.train, 1, index=index)
     return Sq, Iq, Idb
 
 
 def _prewarm_train(cands: list[dict[str, Any]], q: np.ndarray, db: np.ndarray, env: Env) -> None:
     if env.ctx.train is not None:
-        env.cache.knn(q, env.ctx.train, max(c["k"] for c in cands))
+        env.cache.knn(q, env.ctx.train, max(c["k"] for c in cands), index=env.index("train"))
 
 
 @register_step("landmark_country", kind="rerank", order=10, label="+ landmark–country",
@@ -663,8 +666,8 @@ def _train_label_step(S: np.ndarray, I: np.ndarray, opts: dict[str, Any], env: E
                         "k": Option(5, int, minimum=1, help="nearest distractors averaged")})
 def _nonlandmark_step(S: np.ndarray, I: np.ndarray, opts: dict[str, Any], env: Env) -> tuple[np.ndarray, np.ndarray]:
     """Non-landmark penalty: scores minus the index rows' closeness to the distractors."""
-    cache, d = env.cache, env.ctx.distractors
-    key = "nonlandmark" + json.dumps([cache.fp(env.db), cache.fp(d), opts["k"]])
+    cache, d, index = env.cache, env.ctx.distractors, env.index("nonlandmark")
+    key = "nonlandmark" + json.dumps([cache.fp(env.db), cache.fp(d), opts["k"], index and index.key()])
     if key not in cache.memo:  # the same for every setting of the weight
-        cache.memo[key] = nonlandmark_scores(env.db, d, k=opts["k"])
+        cache.memo[key] = nonlandmark_scores(env.db, d, k=opts["k"], index=index)
     return nonlandmark_penalty(S, I, cache.memo[key], weight=opts["weight"])

@@ -27,6 +27,10 @@ the step's ``apply`` works on (the transformed descriptors for ``features`` and
 ``shortlist`` steps, the original ones for re-rankers).
 
 The smallest example is ``nonlandmark`` at the end of :mod:`glr.postprocess.labels`.
+
+Every search a step runs is one of the chain's :data:`GRAPHS`; it asks its graph's
+:class:`~glr.search.IndexSpec` with ``env.index(graph)`` (None: exact, the default) and passes
+it to the cache, so the config's ``search`` setting makes that graph approximate.
 """
 
 from __future__ import annotations
@@ -38,13 +42,24 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from glr.search import IndexSpec, parse_index_spec
 from glr.utils import InputError
 
 #: Kinds of steps, in the order the chain applies them.
 KINDS = ("features", "shortlist", "rerank")
 
-#: Top-level options of a post-processing config besides the steps (not step names).
-TOP_DEFAULTS: dict[str, Any] = {"shortlist": 1000, "k": 100}
+#: Top-level options of a post-processing config besides the steps (not step names);
+#: ``search`` None: every graph is searched exactly.
+TOP_DEFAULTS: dict[str, Any] = {"shortlist": 1000, "k": 100, "search": None}
+
+#: The searches of the chain, by the name the ``search`` setting gives them, and what each searches.
+GRAPHS: dict[str, str] = {
+    "shortlist": "the plain kNN of the queries against the index (when no shortlist step is on)",
+    "expansion": "the αQE/DBA graphs (joint: concat(q, db) against itself; classic: db → db and q → db)",
+    "kreciprocal": "k-reciprocal's joint graph of concat(q, db) and its final search q → db",
+    "train": "queries and index → train (landmark–country, train-label tagging, the recognition vote)",
+    "nonlandmark": "index → distractors",
+}
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # YAML 1.1 (PyYAML) reads 1e-3 as a string: a float option takes it as the number it spells.
@@ -88,9 +103,11 @@ class Graphs(Protocol):
 
     memo: dict[str, Any]
 
-    def knn(self, q: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def knn(self, q: np.ndarray, db: np.ndarray, k: int,
+            index: IndexSpec | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def joint(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def joint(self, x: np.ndarray, k: int,
+              index: IndexSpec | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
 
     def fp(self, x: np.ndarray) -> str: ...
 
@@ -110,6 +127,36 @@ class Env:
     cache: Graphs
     config: Mapping[str, Any]
     progress: bool = False
+
+    def index(self, graph: str) -> IndexSpec | None:
+        """How the config searches ``graph`` (one of :data:`GRAPHS`): None when exactly."""
+        return graph_index(self.config, graph)
+
+
+def _search_form(search: Any) -> str:
+    """``"one"`` (one spec for every graph), ``"per graph"`` or ``"exact"``, of a normalised ``search``."""
+    if not search or search == "exact":
+        return "exact"
+    return "per graph" if set(search) <= set(GRAPHS) else "one"
+
+
+def search_setting(config: Mapping[str, Any], graph: str) -> str:
+    """The name of the setting that says how ``graph`` is searched (``search`` or ``search.train``),
+    as errors name it."""
+    return "search" if _search_form(config.get("search")) == "one" else f"search.{graph}"
+
+
+def graph_index(config: Mapping[str, Any], graph: str) -> IndexSpec | None:
+    """The :class:`~glr.search.IndexSpec` of ``graph`` in a normalised config (its ``search``
+    setting: one spec for every graph, or per graph, unlisted graphs exact); None when exact."""
+    if graph not in GRAPHS:
+        raise ValueError(f"unknown graph {graph!r}; graphs are {list(GRAPHS)}")
+    search = config.get("search")
+    form = _search_form(search)
+    if form == "exact" or (form == "per graph" and graph not in search):
+        return None
+    spec = parse_index_spec(search if form == "one" else search[graph], setting=search_setting(config, graph))
+    return None if spec.exact else spec
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from glr.embeddings.extract import thumbnail_embeddings
 from glr.embeddings.npz import load_embeddings, save_embeddings
 from glr.eval.sweep import RetrievalScorer, protocol_2021_ids, read_grid, run_sweep, sweep_table
 from glr.postprocess.cache import GraphCache
+from glr.postprocess.chain import check_search
 from glr.postprocess.config import normalize_config, read_config, write_config
 from glr.predict import (TTA, MemberSpec, chain_context, embed_ensemble, imagenet_member, needs_train, rank, readable,
                          recognition_rows, retrieval_rows)
@@ -100,12 +101,14 @@ class _Run:
     grid: dict[str, Any] | None
     protocol: str
     train_pairs: list[tuple[str, int]] = field(default_factory=list)
+    source: str = "post-processing config"  # where ``config`` came from, named by errors
 
 
 def _plan(data: str | os.PathLike, post: Any, sweep: Any, k: int, protocol: str,
           index_list: str | os.PathLike | None, recognition: bool, train_subset: str) -> _Run:
     """The root, the splits under ``protocol`` and the post-processing to apply or sweep; checks
     everything that can be checked before any image is read."""
+    source = str(post) if isinstance(post, (str, os.PathLike)) else "post-processing config"
     config = read_config(post) if isinstance(post, (str, os.PathLike)) else normalize_config(post)
     grid = read_grid(sweep) if isinstance(sweep, (str, os.PathLike)) else sweep
     root = GLDv2Root.open(data)
@@ -125,10 +128,13 @@ def _plan(data: str | os.PathLike, post: Any, sweep: Any, k: int, protocol: str,
     if not test_ids:
         listing = root.root / "test.csv"
         raise InputError("no test images: nothing to evaluate", listing if listing.is_file() else root.root / "test")
-    run = _Run(root, {"test": test_ids, "index": index_ids}, config, grid, protocol)
+    run = _Run(root, {"test": test_ids, "index": index_ids}, config, grid, protocol, source=source)
     if needs_train(config, recognition, steps=tuple(grid or ())):
         run.train_pairs = root.train_ids_labels(train_subset)
         run.splits["train"] = [i for i, _ in run.train_pairs]
+    # an approximate search that cannot work at these sizes fails now, not after the embedding
+    check_search(config, len(test_ids), len(index_ids), len(run.train_pairs), recognition=recognition,
+                 source=source)
     return run
 
 
@@ -163,7 +169,8 @@ def _retrieve(run: _Run, q_ids: list[str], q: np.ndarray, db_ids: list[str], db:
         if not q_ids or not db_ids:
             raise InputError("a sweep needs readable test and index images", run.root.root)
         scorer = RetrievalScorer(sol, q_ids, db_ids, run.protocol)
-        swept = run_sweep(q, db, scorer, {**run.grid, "k": run.config["k"], "shortlist": run.config["shortlist"]},
+        swept = run_sweep(q, db, scorer, {**run.grid, "k": run.config["k"], "shortlist": run.config["shortlist"],
+                                          "search": run.config["search"]},
                           ctx=ctx, cache=cache, progress=progress)
         write_sweep(swept, out)
         run.config = swept["config"]
@@ -173,7 +180,7 @@ def _retrieve(run: _Run, q_ids: list[str], q: np.ndarray, db_ids: list[str], db:
         write_config(out / "postprocess.yaml", run.config, comment="post-processing applied by glr cv")
     if not q_ids or not db_ids:
         log.warning("no readable %s image: every query gets an empty row", "test" if not q_ids else "index")
-    I, info = rank(q, db, run.config, ctx=ctx, cache=cache, progress=progress)
+    I, info = rank(q, db, run.config, ctx=ctx, cache=cache, progress=progress, source=run.source)
     result["postprocess"] = run.config
     if info.get("spatial"):
         result["spatial"] = info["spatial"]
@@ -320,7 +327,8 @@ def _finish(run: _Run, emb: dict[str, np.ndarray], ok: dict[str, np.ndarray], ou
     _score_retrieval(run, sub, q_ids, db_ids, I, result)
     if recognition:
         rsub = write_submission(out / "submission_recognition.csv",
-                                recognition_rows(test_ids, q_ids, q, ctx, top_k=5, cache=cache), "recognition",
+                                recognition_rows(test_ids, q_ids, q, ctx, top_k=5, cache=cache, config=run.config,
+                                                 source=run.source), "recognition",
                                 expected_ids=test_ids)
         rsol = run.root.solution_path("recognition")
         result["recognition"] = (metrics.score("recognition", rsol, rsub)

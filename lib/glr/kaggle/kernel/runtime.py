@@ -84,7 +84,7 @@ SETTINGS_DEFAULTS: dict[str, Any] = dict(
     train_subset="clean",                # the tagging / recognition database
     recognition_top_k=5,
     batch_size=64,
-    num_workers=2,
+    num_workers="auto",                  # loader workers, or auto: the usable cores less one, at most 8
     commit_mode="full",                  # full | fallback: what the public commit run does
     hidden_test_size=None,               # projection: test images in the hidden set
     hidden_index_size=None,              # projection: index images in the hidden set (default: same)
@@ -540,11 +540,15 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
     from glr.data.readers import image_path  # noqa: PLC0415
     from glr import predict as chain  # noqa: PLC0415
     from glr.postprocess.cache import GraphCache  # noqa: PLC0415
+    from glr.postprocess.chain import check_search  # noqa: PLC0415
     from glr.postprocess.config import normalize_config  # noqa: PLC0415
     from glr.submission import write_submission  # noqa: PLC0415
+    from glr.data.images import resolve_num_workers  # noqa: PLC0415
 
     task = settings["task"]
-    config = normalize_config(settings.get("postprocess") or {}, "the kernel's post-processing settings")
+    workers = resolve_num_workers(settings["num_workers"], "num_workers", "the kernel's settings")
+    source = "the kernel's post-processing settings"
+    config = normalize_config(settings.get("postprocess") or {}, source)
     config["k"] = int(settings["k"])
     needs_train = chain.needs_train(config, recognition=task == "recognition")
     splits: dict[str, Sequence[str]] = {"test": list(test_ids)}
@@ -555,9 +559,11 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
         train_ids, train_lm, train_emb = _train_rows(settings, comp, weights, timer)
         if train_emb is None:
             splits["train"] = train_ids
+    check_search(config, len(test_ids), len(splits.get("index", ())), len(train_ids),
+                 recognition=task == "recognition", source=source)  # before the embedding
     progress = bool(settings["progress"])
     emb, ok = chain.embed_ensemble(_members(settings, weights), comp, splits, mode=settings["ensemble_mode"],
-                                   batch_size=int(settings["batch_size"]), num_workers=int(settings["num_workers"]),
+                                   batch_size=int(settings["batch_size"]), num_workers=workers,
                                    tta=chain.TTA(bool(settings["tta_flip"]), tuple(settings["tta_scales"])),
                                    progress=progress, step=timer.step,
                                    on_load=lambda m: _check_versions(m, [] if warnings is None else warnings))
@@ -578,7 +584,7 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
                                   q_paths=[str(image_path(comp, "test", i)) for i in q_ids] if config.get("spatial") else None,
                                   db_paths=[str(image_path(comp, "index", i)) for i in db_ids] if config.get("spatial") else None)
         with timer.step("search + post-processing", scales_with="test"):
-            I, _ = chain.rank(q, db, config, ctx=ctx, cache=cache, progress=progress)
+            I, _ = chain.rank(q, db, config, ctx=ctx, cache=cache, progress=progress, source=source)
         with timer.step("write submission"):
             write_submission(out, chain.retrieval_rows(test_ids, q_ids, db_ids, I), "retrieval",
                              expected_ids=test_ids, index_ids=set(db_ids))
@@ -586,7 +592,7 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
         ctx = chain.chain_context(t_emb, t_ok, train_lm, _countries(comp, weights))
         with timer.step("recognition vote", scales_with="test"):
             rows = chain.recognition_rows(test_ids, q_ids, q, ctx, top_k=int(settings["recognition_top_k"]),
-                                          cache=cache)
+                                          cache=cache, config=config, source=source)
         with timer.step("write submission"):
             write_submission(out, rows, "recognition", expected_ids=test_ids)
     if needs_train:
