@@ -3,6 +3,7 @@
     python bench/bench_approx_cv.py                                   # runs `glr demo --quick` first (~2 min)
     python bench/bench_approx_cv.py --run submission --data runs/demo/data   # reuse a demo's outputs
     python bench/bench_approx_cv.py --run DIR --search hnsw
+    python bench/bench_approx_cv.py --run DIR --data ROOT --post P.yaml   # another chain than the run chose
 
 ``--run`` is a ``glr cv`` / ``glr demo`` output folder: its ``emb_{test,index,train}.npz`` (the trained
 ensemble's embeddings) and the chain it chose (``postprocess.yaml``, else ``cv.json``'s
@@ -77,10 +78,11 @@ def main() -> None:
     ap.add_argument("--nprobe-frac", type=float, default=0.5, help="ivf: nprobe = this x nlist")
     ap.add_argument("--ef", type=int, default=32, help="hnsw: efSearch")
     ap.add_argument("--keep-spatial", action="store_true")
+    ap.add_argument("--post", type=Path, help="this post-processing chain instead of the one the run chose")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_approx_cv_") as tmp:
         run, data = (a.run, a.data or a.run.parent / "work" / "data") if a.run else _demo(Path(tmp))
-        config = _chain(run)
+        config = read_config(a.post) if a.post else _chain(run)
         if not a.keep_spatial:
             config["spatial"] = None
         rows = {}

@@ -407,3 +407,16 @@ def test_missing_neighbours_of_an_approximate_graph_count_as_the_row_itself(capl
     I[3, 5] = -2
     with pytest.raises(ValueError, match="outside"):
         k_reciprocal_rerank(q, db, 6, 2, 0.3, topk=10, graph=(S, I, smin))
+
+
+def test_pair_dots_give_the_same_bits_by_runs_and_by_gathers(monkeypatch):
+    rng = np.random.default_rng(3)
+    q, db = clustered(rng, 30), clustered(rng, 300)
+    x = np.concatenate([q, db])
+    rows = np.sort(rng.integers(0, 330, 5000))  # long runs of one row: multiplied by runs
+    cols = rng.integers(0, 330, 5000)
+    want = np.sum(x[rows] * x[cols], axis=1)
+    np.testing.assert_array_equal(kr._pair_dots(q, db, rows, cols), want)
+    monkeypatch.setattr(kr, "RUN_PAIRS", 10**9)  # every row gathered
+    np.testing.assert_array_equal(kr._pair_dots(q, db, rows, cols), want)
+    np.testing.assert_array_equal(kr._pair_dots(q, db, cols, rows), np.sum(x[cols] * x[rows], axis=1))

@@ -445,3 +445,22 @@ def test_ivf_list_scan_finds_what_faiss_ivf_finds(clustered):
     S_ref, I_ref = ref.search(q, 10)
     np.testing.assert_allclose(S, S_ref, atol=1e-5, rtol=0)
     assert search.recall_at_k(I, I_ref) > 0.999  # only exact ties may differ
+
+
+@needs_faiss
+def test_the_farthest_row_search_is_narrow_and_leaves_the_index_as_it_was(clustered):
+    """with_min through IVF probes MIN_NPROBE lists for -q (an upper bound of the true minimum, close
+    to it), and the top-k of the same index is unchanged before and after it."""
+    q, db, _ = clustered
+    spec = search.IndexSpec("ivf", nlist=32, nprobe=8)
+    with search.build_index(db, spec) as index:
+        before = index.search(q, 10)
+        S, I, smin = index.search(q, 10, with_min=True)
+        assert index._ann.nprobe == 8
+        after = index.search(q, 10)
+    for a, b, c in zip(before, (S, I), after):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    true_min = (q @ db.T).min(axis=1)
+    assert np.all(smin >= true_min - 1e-6) and np.all(smin <= S[:, -1])
+    assert float(np.mean(smin - true_min)) < 0.1

@@ -16,9 +16,9 @@ faiss keeps its own, unspecified, order among ties.
 file (``ivf``: ``nlist`` lists, ``nprobe`` of them visited) or a graph (``hnsw``: ``M`` links,
 ``efSearch = ef``), both built with ``faiss.index_factory(d, "IVF{nlist},Flat" | "HNSW{M},Flat",
 METRIC_INNER_PRODUCT)`` and trained on the database they search. IVF's k-means is seeded
-(``ClusteringParameters.seed``) and trained on a seeded sample of at most
-``TRAIN_POINTS_PER_CENTROID · nlist`` rows; for the inner-product metric faiss runs it as spherical
-k-means (``cp.spherical``). IVF runs as faiss's own index on the GPU when faiss has GPUs and
+(``ClusteringParameters.seed``), runs ``TRAIN_NITER`` iterations on a seeded sample of at most
+``TRAIN_POINTS_PER_CENTROID · nlist`` rows (cheap against the search: the graphs here are searched
+once or twice); for the inner-product metric faiss runs it as spherical k-means (``cp.spherical``). IVF runs as faiss's own index on the GPU when faiss has GPUs and
 ``use_gpu`` allows. On the CPU the trained quantizer's lists are scanned as matrix products instead
 (:class:`_ListScan`: each list against all the queries that probe it, lists spread over threads):
 the same probes, lists and neighbours as faiss's ``IndexIVFFlat``, several times faster, since
@@ -33,8 +33,10 @@ and reject, before any search, settings that cannot work.
 
 ``with_min=True`` also returns each query's minimum similarity over the whole database (the
 farthest row; k-reciprocal's row maximum of the distance). torch and numpy compute it in the same
-pass as the top-k; faiss by a second search of ``-q`` with ``k = 1`` (through the approximate index
-too, so then it is approximate). For an exact search with ``backend="auto"``, ``with_min`` makes the
+pass as the top-k; faiss by a second search of ``-q`` with ``k = 1``; an approximate index by a
+search of ``-q`` with ``k = 1`` that is approximate and, for IVF, narrow (the ``MIN_NPROBE`` lists of
+the centroids farthest from the query: a small fraction of the top-k search; k-reciprocal, its user,
+only needs the row minimum as a scale, see :data:`MIN_NPROBE`). For an exact search with ``backend="auto"``, ``with_min`` makes the
 CPU use the torch backend (one pass instead of two, and ties by lower row) unless faiss has a GPU.
 
 Memory stays bounded for GLDv2 sizes (1e5 queries x 1e6 index images x 512..3072 dims):
@@ -104,8 +106,6 @@ MIN_POINTS_PER_CENTROID = 39
 #: is a small fraction of the top-k search instead of a second one (all lists when the top-k
 #: search probes all of them: then the minimum is exact).
 MIN_NPROBE = 2
-#: HNSW ``efSearch`` of the farthest-row search (k = 1), for the same reason.
-MIN_EF = 16
 #: HNSW defaults: links per node and the search beam ``efSearch``.
 HNSW_M = 32
 HNSW_EF = 128
@@ -507,11 +507,12 @@ class SearchIndex:
 
     def _farthest(self, index: Any, q: np.ndarray, qb: int) -> np.ndarray:
         """(Nq,) float32 approximate minimum similarity of each query over the database: a k = 1
-        search of ``-q`` through a narrower index (``MIN_NPROBE`` lists / ``MIN_EF``); a query
-        whose probed lists are empty is searched exactly."""
+        search of ``-q``, for IVF through ``MIN_NPROBE`` lists (HNSW: the spec's ``ef``; a graph
+        walk towards the farthest row is poor with a narrow beam); a query whose probed lists
+        are empty is searched exactly."""
         spec = self.spec
         if spec.kind == "hnsw":
-            index.hnsw.efSearch = MIN_EF
+            index.hnsw.efSearch = spec.ef
             neg, far = _faiss_search(index, -q, 1, qb, False, "")
         else:
             narrow = spec.nlist if spec.nprobe >= spec.nlist else min(spec.nprobe, MIN_NPROBE)
@@ -644,7 +645,11 @@ class _ListScan:
     Here the database is sorted by list once; a query chunk's probes are grouped by list and each
     list meets all the queries that probe it in one ``(queries, list rows)`` product, whose top-k
     are merged per query. Same probes (the trained quantizer's ``nprobe`` nearest centroids),
-    same lists and exact similarities as faiss's ``IndexIVFFlat``, so the same neighbours.
+    same lists and exact similarities as faiss's ``IndexIVFFlat``, so the same neighbours (up to
+    the order of exactly tied similarities, which an approximate search does not specify). The
+    chunks are as large as ``BLOCK_BYTES`` of candidates allows, so each list's product meets
+    many queries; per list the selection is an unsorted ``topk``, the merge one ``topk`` per
+    chunk (most of the cost at small lists is these selections, not the products).
 
     Interface of a faiss index: ``search(q, k) -> (S, I)`` (``-inf`` / ``-1`` where fewer than
     ``k`` rows were scanned), ``reset()``, ``ntotal``.
@@ -660,10 +665,21 @@ class _ListScan:
         self.bounds = np.searchsorted(assign[self.ids, 0], np.arange(quantizer.ntotal + 1))
         self.ntotal = len(db)
         self._torch = _import_torch()
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
 
     def reset(self) -> None:
         self.x = np.zeros((0, self.x.shape[1]), np.float32)
-        self.ntotal = 0
+        self.ntotal, self._buffers = 0, None
+
+    def _candidates(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two flat buffers of ``size`` similarities (-inf) and rows (-1), reused from chunk to
+        chunk: a fresh pair costs its page faults, about as much as the scans of a chunk."""
+        if self._buffers is None or len(self._buffers[0]) < size:
+            self._buffers = (np.empty(size, np.float32), np.empty(size, np.int64))
+        cand_s, cand_i = self._buffers[0][:size], self._buffers[1][:size]
+        cand_s.fill(-np.inf)
+        cand_i.fill(-1)
+        return cand_s, cand_i
 
     def _topk(self, qx: np.ndarray, lo: int, hi: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
@@ -681,8 +697,8 @@ class _ListScan:
         flat = probes.ravel()
         order = np.argsort(flat, kind="stable")
         starts = np.searchsorted(flat[order], np.arange(len(self.bounds)))
-        cand_s = np.full((nq, npr, k), -np.inf, np.float32)
-        cand_i = np.full((nq, npr, k), -1, np.int64)
+        cand_s, cand_i = self._candidates(nq * npr * k)
+        cand_s, cand_i = cand_s.reshape(nq, npr, k), cand_i.reshape(nq, npr, k)
 
         def scan(lst: int) -> None:  # each (query, probe) pair belongs to one list: no two scans collide
             lo, hi = self.bounds[lst], self.bounds[lst + 1]

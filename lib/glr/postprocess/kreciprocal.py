@@ -90,6 +90,9 @@ SET_BYTES = 64 << 20
 #: Budget in bytes for one chunk of gathered vectors (dot products of (i, j) pairs): two reused
 #: buffers small enough to stay in cache between the gather, the product and the sum.
 GATHER_BYTES = 8 << 20
+#: Mean pairs per run of one row above which :func:`_pair_dots` multiplies each run by its row
+#: instead of gathering the row once per pair.
+RUN_PAIRS = 32
 #: Entries gathered from the inverted index per query chunk of the Jaccard step.
 JACCARD_ENTRIES = 4_000_000
 #: Index rows the final search of :func:`k_reciprocal_rerank` fetches beyond ``topk``
@@ -409,8 +412,17 @@ def _pair_dots(q: np.ndarray, db: np.ndarray, rows: np.ndarray, cols: np.ndarray
     left = np.empty((step, q.shape[1]), np.float32)
     right = np.empty_like(left)
     for a, b in _chunks(len(rows), step):
-        prod = _gather(q, db, rows[a:b], left[:b - a])
-        prod *= _gather(q, db, cols[a:b], right[:b - a])
+        prod = _gather(q, db, cols[a:b], right[:b - a])
+        r = rows[a:b]
+        cut = np.flatnonzero(r[1:] != r[:-1]) + 1
+        if len(cut) * RUN_PAIRS < b - a:
+            # long runs of one row (the final step's pairs, by query): each run multiplied by its
+            # row vector, which is not gathered once per pair (the same products, so the same bits)
+            for s, e in zip(np.concatenate([[0], cut]), np.concatenate([cut, [b - a]])):
+                i = int(r[s])
+                prod[s:e] *= q[i] if i < len(q) else db[i - len(q)]
+        else:
+            prod *= _gather(q, db, r, left[:b - a])
         np.sum(prod, axis=1, out=out[a:b])
     return out
 
