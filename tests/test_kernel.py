@@ -357,3 +357,27 @@ def test_the_kernel_runs_the_packed_timm_when_the_images_differs(built, tmp_path
     assert run["returncode"] == 0 and run["status"] == "ok", run["log_tail"]
     assert run["report"]["environment"]["libraries"]["timm"] == version
     assert result["parity"]["identical"], result["parity"]
+
+
+def test_extraction_settings_reach_the_embedding_and_a_bad_one_keeps_the_fallback(built, tmp_path, monkeypatch):
+    from glr import predict
+
+    seen = []
+    real = predict.embed_ensemble
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["precision"], kwargs["compile"], kwargs["num_workers"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "embed_ensemble", spy)
+    monkeypatch.delenv("KAGGLE_IS_COMPETITION_RERUN", raising=False)
+    kaggle, settings = _kaggle(tmp_path, built["root"], built["kernel"])
+    assert settings["precision"] is None and settings["compile"] is False  # the defaults a build writes
+    settings = {**settings, "task": "recognition", "postprocess": {}}
+    assert runtime.main({**settings, "precision": "fp32", "num_workers": "auto"}, kaggle_root=kaggle) == 0
+    assert seen[-1][:2] == ("fp32", False) and isinstance(seen[-1][2], int)
+    assert runtime.main({**settings, "precision": "fp8"}, kaggle_root=kaggle) == 1
+    report = json.loads((kaggle / "working" / runtime.REPORT).read_text())
+    assert report["status"] == "fallback" and "precision" in report["error"] and "fp8" in report["error"]
+    validate_submission_file(kaggle / "working" / "submission.csv", "recognition",
+                             expected_ids=GLDv2Root.open(built["root"]).test_ids())

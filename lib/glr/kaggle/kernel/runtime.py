@@ -85,6 +85,8 @@ SETTINGS_DEFAULTS: dict[str, Any] = dict(
     recognition_top_k=5,
     batch_size=64,
     num_workers="auto",                  # loader workers, or auto: the usable cores less one, at most 8
+    precision=None,                      # extraction on CUDA: fp16 (None: the default) | bf16 | fp32; CPU: fp32
+    compile=False,                       # wrap each network in torch.compile (its first batches compile)
     commit_mode="full",                  # full | fallback: what the public commit run does
     hidden_test_size=None,               # projection: test images in the hidden set
     hidden_index_size=None,              # projection: index images in the hidden set (default: same)
@@ -565,8 +567,8 @@ def predict(settings: Mapping[str, Any], comp: Path, weights: Path, out: Path, t
     emb, ok = chain.embed_ensemble(_members(settings, weights), comp, splits, mode=settings["ensemble_mode"],
                                    batch_size=int(settings["batch_size"]), num_workers=workers,
                                    tta=chain.TTA(bool(settings["tta_flip"]), tuple(settings["tta_scales"])),
-                                   progress=progress, step=timer.step,
-                                   on_load=lambda m: _check_versions(m, [] if warnings is None else warnings))
+                                   progress=progress, step=timer.step, precision=settings["precision"],
+                                   compile=bool(settings["compile"]), on_load=lambda m: _check_versions(m, [] if warnings is None else warnings))
     t_emb, t_ok = (None, None)
     if needs_train:
         t_emb, t_ok = (train_emb, np.ones(len(train_ids), bool)) if train_emb is not None else (emb["train"], ok["train"])
