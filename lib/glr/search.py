@@ -350,17 +350,6 @@ def _as_positive_int(v: Any, name: str) -> int:
     return int(v)
 
 
-def _validate(q: Any, db: Any, k: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    q = _as_matrix(q, "q")
-    db = _as_matrix(db, "db")
-    k = _as_positive_int(k, "k")
-    if q.shape[1] != db.shape[1]:
-        raise ValueError(f"q and db must have the same dimension D, got q {q.shape} and db {db.shape}")
-    if q.shape[1] < 1:
-        raise ValueError(f"the dimension D must be >= 1, got q {q.shape} and db {db.shape}")
-    return q, db, k
-
-
 def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(a + size, n)) for a in range(0, n, max(1, size))]
 
